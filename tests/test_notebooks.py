@@ -1,0 +1,25 @@
+"""Run every notebook in nbs/ through nbdev's own test engine, one pytest test per notebook.
+
+Cells flagged `#| cuda` or `#| slow` are skipped unless named in DETLEARN_NB_FLAGS
+(for example `DETLEARN_NB_FLAGS="cuda slow"` on a GPU machine).
+"""
+import os
+from pathlib import Path
+
+import pytest
+import nbdev.test as nbt  # the module, not `from nbdev.test import test_nb`, which pytest would collect
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / 'nbs').glob('*.ipynb'))
+FORCED = set(os.environ.get('DETLEARN_NB_FLAGS', '').split())
+
+
+@pytest.mark.parametrize('notebook', NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook(notebook):
+    skip = [flag for flag in ('cuda', 'slow') if flag not in FORCED]
+    ok, seconds = nbt.test_nb(notebook, skip_flags=skip, basepath=ROOT)
+    assert ok, f'{notebook.name} failed after {seconds:.1f}s (its traceback is in the captured stderr)'
+
+
+def test_notebooks_found():
+    assert len(NOTEBOOKS) >= 2, 'nbs/ should hold the chapters'

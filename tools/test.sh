@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up (idempotently) and run every check; this is the README's test command and what CI runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export FIFTYONE_DO_NOT_TRACK=true PIP_DISABLE_PIP_VERSION_CHECK=1
+
+step() { printf '\n=== %s\n' "$*"; }
+
+step "environment (.venv)"
+[ -x .venv/bin/python ] || python3 -m venv .venv
+# torch/torchvision pinned to the builds this machine kind has on disk; the package itself asks only torch>=2.1.
+.venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1 -e ".[dev,cuda13]"
+if ! command -v chromium >/dev/null 2>&1; then
+  step "installing Chromium for the JupyterLab browser test"
+  if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+
+step "notebooks, library and README in step"
+.venv/bin/nbdev_export
+.venv/bin/nbdev_clean
+.venv/bin/python tools/make_readme.py
+if [ -n "$(git status --porcelain -- detlearn nbs README.md)" ]; then
+  git status --short -- detlearn nbs README.md
+  echo "FAILED: nbdev_export / nbdev_clean / tools/make_readme.py changed the files above; run them and commit." >&2
+  exit 1
+fi
+
+step "pytest: every notebook through nbdev's test engine, then tests/"
+.venv/bin/python -m pytest -q -n 2 --dist loadgroup tests "$@"
