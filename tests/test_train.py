@@ -1,0 +1,105 @@
+"""Trainer tests on a protocol-conforming toy detector (tests/toy_detector.py): exact resume, checkpoint
+format, NaN guard, accumulation, frozen backbone. YOLOX end-to-end runs are in test_cli.py."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from toy_detector import ToyBoxes, ToyDetector, toy_collate  # noqa: E402
+
+from detlearn.train import Trainer, TrainingDiverged  # noqa: E402
+from detlearn.train_utils import (LoopConfig, OptimConfig, ScheduleConfig, TrainConfig,  # noqa: E402
+                                  apply_overrides, load_checkpoint)
+from detlearn.utils import DetlearnError  # noqa: E402
+
+
+def cfg(epochs=2, **loop):
+    return TrainConfig(loop=LoopConfig(**{'epochs': epochs, 'batch_size': 4, 'num_workers': 0, 'eval_every': 100,
+                                          'ema_warmup': 5, 'no_aug_epochs': 0, 'log_every': 1} | loop),
+                       schedule=ScheduleConfig(warmup_epochs=1, final_flat_epochs=0),
+                       optim=OptimConfig(lr=0.05, lr_per_image=False, clip_grad_norm=1.0))
+
+
+def make(tmp, c, seed=0, model=None):
+    torch.manual_seed(seed)
+    return Trainer(model or ToyDetector(), ToyBoxes(), cfg=c, work_dir=tmp, collate_fn=toy_collate, progress=False)
+
+
+def assert_same(a, b):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+def test_resume_is_exact(tmp_path):
+    """1 epoch, then a resume (in a fresh trainer with another global RNG state) to 2 == 2 epochs straight."""
+    straight = make(tmp_path / 'a', cfg(2)); straight.fit()
+    first = make(tmp_path / 'b', cfg(2)); first.fit(stop_after=1)
+    resumed = make(tmp_path / 'b', cfg(2), seed=99)
+    resumed.fit(resume=tmp_path / 'b' / 'last.pth')
+    assert_same(straight.model, resumed.model)
+    assert_same(straight.ema.module, resumed.ema.module)
+    assert resumed.step == straight.step == 8 and resumed.epoch == 2
+    assert resumed.optimizer.param_groups[0]['lr'] == straight.optimizer.param_groups[0]['lr']
+    # and the interruption really mattered: one epoch alone differs
+    assert not torch.equal(first.model.head.weight, straight.model.head.weight)
+
+
+def test_resume_with_accumulation_and_fp32_ema(tmp_path):
+    c = cfg(2, accumulate=2)
+    straight = make(tmp_path / 'a', c); straight.fit()
+    make(tmp_path / 'b', c).fit(stop_after=1)
+    resumed = make(tmp_path / 'b', c, seed=5); resumed.fit(resume=tmp_path / 'b' / 'last.pth')
+    assert_same(straight.model, resumed.model)
+    assert straight.step == 4  # 4 batches per epoch / 2 accumulated = 2 optimiser steps per epoch
+
+
+def test_checkpoint_format(tmp_path):
+    t = make(tmp_path, cfg(1, save_every=1)); t.fit()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert {'last.pth', 'epoch_1.pth', 'metrics.csv'} <= set(names)
+    assert not [n for n in names if n.endswith('.tmp')]
+    ck = torch.load(tmp_path / 'last.pth', weights_only=True)  # plain tensors and primitives only
+    for key in ('model', 'ema', 'optimizer', 'scheduler', 'scaler', 'epoch', 'step', 'rng', 'config',
+                'class_names', 'cat_ids', 'best_metric'):
+        assert key in ck, key
+    assert ck['class_names'] == ['box'] and ck['cat_ids'] == [7] and ck['epoch'] == 1
+    assert ck['config']['loop']['batch_size'] == 4
+    assert (tmp_path / 'metrics.csv').read_text().splitlines()[0].startswith('epoch,step')
+
+
+def test_training_reduces_loss(tmp_path):
+    h = make(tmp_path, cfg(6)).fit()
+    assert h[-1]['loss'] < 0.6 * h[0]['loss']
+
+
+def test_nan_guard(tmp_path):
+    class NaNDetector(ToyDetector):
+        def loss(self, outputs, targets):
+            return {'loss': super().loss(outputs, targets)['loss'] * float('nan')}
+    t = make(tmp_path, cfg(1, max_bad_steps=2), model=NaNDetector())
+    before = [p.detach().clone() for p in t.model.parameters()]
+    with pytest.raises(TrainingDiverged, match='NaN/inf in 2 steps.*lower learning rate'):
+        t.fit()
+    assert all(torch.equal(a, b) for a, b in zip(before, t.model.parameters()))
+    saved = load_checkpoint(tmp_path / 'diverged.pth')
+    assert saved['images'].shape == (4, 3, 32, 32) and len(saved['targets']) == 4
+
+
+def test_frozen_backbone(tmp_path):
+    t = make(tmp_path, cfg(1, freeze_backbone=True))
+    before = t.model.backbone[0].weight.detach().clone()
+    t.fit()
+    assert torch.equal(before, t.model.backbone[0].weight)
+    assert all(not p.requires_grad for p in t.model.backbone.parameters())
+
+
+def test_user_mistakes(tmp_path):
+    with pytest.raises(DetlearnError, match='fewer than the batch size 64'):
+        make(tmp_path, cfg(1, batch_size=64))
+    with pytest.raises(DetlearnError, match="unknown setting 'loop.epoc'"):
+        apply_overrides(cfg(1), ['loop.epoc=3'])
+    t = make(tmp_path, cfg(1))
+    with pytest.raises(DetlearnError, match='does not exist'):
+        t.fit(resume=tmp_path / 'missing.pth')
