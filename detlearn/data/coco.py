@@ -6,7 +6,7 @@
 __all__ = ['load_image', 'read_image_size', 'load_coco_json', 'category_mapping', 'coco_target', 'CocoDetection',
            'collate_detection']
 
-# %% ../../nbs/02_data_coco.ipynb #fab44696
+# %% ../../nbs/02_data_coco.ipynb #35021140
 import contextlib
 import io
 import json
@@ -20,7 +20,7 @@ from pycocotools.coco import COCO
 
 from ..utils import DetlearnError
 
-# %% ../../nbs/02_data_coco.ipynb #9cbd1062
+# %% ../../nbs/02_data_coco.ipynb #9426fa88
 def _to_rgb_uint8(im: Image.Image) -> np.ndarray:
     """Convert any PIL mode to an (H, W, 3) uint8 RGB array (alpha dropped, 16-bit scaled by 1/257)."""
     if im.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I'):  # 16-bit gray (PNG 16-bit opens as one of these)
@@ -33,7 +33,7 @@ def _to_rgb_uint8(im: Image.Image) -> np.ndarray:
     if im.mode == 'P' and 'transparency' in im.info: im = im.convert('RGBA')  # avoids PIL's palette warning
     return np.array(im.convert('RGB'))  # a writable copy; RGBA/LA drop alpha here; L/1/P/CMYK become RGB
 
-# %% ../../nbs/02_data_coco.ipynb #825f7adb
+# %% ../../nbs/02_data_coco.ipynb #b944a215
 def load_image(path: Union[str, Path],  # an image file (JPEG, PNG, BMP, TIFF, WebP, ...)
               ) -> np.ndarray:  # (H, W, 3) uint8 RGB, in the EXIF-oriented (displayed) frame
     """Read an image as a person sees it: EXIF orientation applied, converted to RGB uint8."""
@@ -49,7 +49,7 @@ def load_image(path: Union[str, Path],  # an image file (JPEG, PNG, BMP, TIFF, W
         raise DetlearnError(f"Cannot decode image {path}: {e}. The file is corrupt, truncated or not an image; "
                             "re-export or re-download it, or run `detlearn data check` to list all such files.") from e
 
-# %% ../../nbs/02_data_coco.ipynb #99a789b7
+# %% ../../nbs/02_data_coco.ipynb #6291dc78
 def read_image_size(path: Union[str, Path],  # an image file
                    ) -> tuple:  # (height, width) in the EXIF-oriented frame
     """Image size from the file header only (fast): (h, w) after applying the EXIF orientation."""
@@ -58,7 +58,7 @@ def read_image_size(path: Union[str, Path],  # an image file
         orientation = im.getexif().get(0x0112, 1)
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # 5-8 transpose the picture
 
-# %% ../../nbs/02_data_coco.ipynb #d005024a
+# %% ../../nbs/02_data_coco.ipynb #06ad00b6
 _REQUIRED = {'images': ('id', 'file_name', 'width', 'height'),
              'annotations': ('id', 'image_id', 'category_id', 'bbox'),
              'categories': ('id', 'name')}
@@ -83,10 +83,12 @@ def load_coco_json(ann_file: Union[str, Path]) -> dict:
                                     f"Every entry of '{section}' needs {list(keys)}.")
     for a in data['annotations']:
         a.setdefault('iscrowd', 0)
-        if 'area' not in a and len(a['bbox']) == 4: a['area'] = float(a['bbox'][2]) * float(a['bbox'][3])
+        if 'area' not in a:
+            try: a['area'] = float(a['bbox'][2]) * float(a['bbox'][3])
+            except (TypeError, ValueError, IndexError, KeyError): pass  # a malformed bbox: the doctor reports it
     return data
 
-# %% ../../nbs/02_data_coco.ipynb #b9d22542
+# %% ../../nbs/02_data_coco.ipynb #8d1750d8
 def category_mapping(categories: list,  # COCO 'categories' entries {'id', 'name'}
                     ) -> tuple:  # (class_names, cat_ids, cat_id_to_label)
     """Map category ids to contiguous labels 0..K-1 in sorted id order; returns names, label->id, id->label."""
@@ -94,7 +96,7 @@ def category_mapping(categories: list,  # COCO 'categories' entries {'id', 'name
     cat_ids = [int(c['id']) for c in ordered]
     return [c['name'] for c in ordered], cat_ids, {c: k for k, c in enumerate(cat_ids)}
 
-# %% ../../nbs/02_data_coco.ipynb #803455e1
+# %% ../../nbs/02_data_coco.ipynb #31369f7c
 def coco_target(anns: list,  # COCO annotations of one image
                 cat_id_to_label: dict,  # category id -> contiguous label
                 image_id: int, size_hw: tuple) -> dict:
@@ -109,7 +111,7 @@ def coco_target(anns: list,  # COCO annotations of one image
     return {'boxes': boxes_xyxy[keep], 'labels': labels[keep], 'image_id': int(image_id),
             'orig_size': (int(h), int(w)), 'size': (int(h), int(w))}
 
-# %% ../../nbs/02_data_coco.ipynb #9ec1dc2b
+# %% ../../nbs/02_data_coco.ipynb #041cbec6
 def _quiet_coco(data: dict) -> COCO:
     """A pycocotools COCO index built from a dict, without its progress prints."""
     coco = COCO()
@@ -117,7 +119,7 @@ def _quiet_coco(data: dict) -> COCO:
     with contextlib.redirect_stdout(io.StringIO()): coco.createIndex()
     return coco
 
-# %% ../../nbs/02_data_coco.ipynb #0471d5b5
+# %% ../../nbs/02_data_coco.ipynb #d7e29c4e
 class CocoDetection(torch.utils.data.Dataset):
     """A COCO-format detection dataset: (RGB uint8 image, target with xyxy pixel boxes and contiguous labels)."""
     def __init__(self, ann_file: Union[str, Path],  # COCO json
@@ -157,7 +159,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return f"CocoDetection({self.ann_file.name}: {len(self)} images, {len(self.class_names)} classes)"
 
-# %% ../../nbs/02_data_coco.ipynb #237acafc
+# %% ../../nbs/02_data_coco.ipynb #7288ebae
 def collate_detection(batch: list,  # [(image Tensor (3, H, W), target dict), ...]
                       size_divisor: int = 1,  # pad H and W up to a multiple of this (e.g. 32)
                      ) -> tuple:  # images (B, 3, H, W) float, masks (B, H, W) bool True = padding, targets list
