@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from detlearn.data.coco import CocoDetection, collate_detection, load_coco_json, load_image, read_image_size
+from detlearn.data.coco import (CocoDetection, collate_detection, load_coco_json, load_image, pil_to_rgb,
+                                read_image_size)
 from detlearn.data.convert import voc_to_coco, yolo_to_coco
 from detlearn.data.doctor import DatasetError, check_dataset, drop_bad_annotations, main_check, main_convert
 from detlearn.utils import DetlearnError, resource_dir
@@ -86,6 +87,7 @@ def test_rgba_drops_alpha(tmp_path):
     Image.fromarray(rgba, 'RGBA').save(tmp_path / 'a.png')
     im = load_image(tmp_path / 'a.png')
     assert im.shape == (1, 2, 3) and im[0].tolist() == [[10, 20, 30], [40, 50, 60]]
+    assert pil_to_rgb(Image.fromarray(rgba, 'RGBA'))[0].tolist() == [[10, 20, 30], [40, 50, 60]]
 
 
 def test_palette_to_rgb(tmp_path):
