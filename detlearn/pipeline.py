@@ -6,10 +6,11 @@
 __all__ = ['MAX_DOWNLOAD_BYTES', 'download_image', 'read_image', 'eval_transforms_for', 'load_model', 'DetectionPipeline',
            'pipeline']
 
-# %% ../nbs/52_pipeline.ipynb #3fba3b2c
+# %% ../nbs/52_pipeline.ipynb #3177056d
 import io
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Sequence
@@ -22,7 +23,7 @@ from torch import nn
 from .data.coco import collate_detection, load_image
 from .utils import DetlearnError
 
-# %% ../nbs/52_pipeline.ipynb #bdfe57a8
+# %% ../nbs/52_pipeline.ipynb #1767c3c2
 MAX_DOWNLOAD_BYTES = 50 * 2**20  # 50 MiB: far above any photo, small enough to refuse a video or an archive
 
 def download_image(url: str,  # http(s) URL of an image file
@@ -45,7 +46,7 @@ def download_image(url: str,  # http(s) URL of an image file
         try: return load_image(path)
         except DetlearnError: raise DetlearnError(f"{url} did not return a readable image.") from None
 
-# %% ../nbs/52_pipeline.ipynb #d43a0baf
+# %% ../nbs/52_pipeline.ipynb #4faa8609
 def _array_to_rgb(image: np.ndarray) -> np.ndarray:
     """An (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8 array as (H, W, 3) RGB."""
     if image.dtype != np.uint8:
@@ -70,7 +71,7 @@ def read_image(image: str | Path | Image.Image | np.ndarray,  # a path, an http(
     raise DetlearnError(f"Cannot read an image from {type(image).__name__}: give a path, an http(s) URL, "
                         "a PIL image or an (H, W, 3) uint8 RGB numpy array.")
 
-# %% ../nbs/52_pipeline.ipynb #d45c1a37
+# %% ../nbs/52_pipeline.ipynb #8d011ecf
 def eval_transforms_for(model: nn.Module,  # a detlearn detector
                         img_size: int | None = None,  # input size; default: the model's test size
                        ):
@@ -99,7 +100,7 @@ def _empty_target(image: np.ndarray, image_id: int) -> dict:
     return {'boxes': np.zeros((0, 4), np.float32), 'labels': np.zeros((0,), np.int64),
             'image_id': image_id, 'orig_size': size, 'size': size}
 
-# %% ../nbs/52_pipeline.ipynb #71ed4010
+# %% ../nbs/52_pipeline.ipynb #6345506d
 def _coco_class_names() -> list[str]:
     """The 80 COCO class names of official checkpoints (from detlearn.hub), or numbered names without it."""
     try:
@@ -122,15 +123,16 @@ def _load_detlearn_checkpoint(path: Path, device: torch.device) -> tuple[nn.Modu
     model.load_state_dict(checkpoint_weights(ckpt))
     return model.to(device), class_names, meta.get('img_size')
 
-# %% ../nbs/52_pipeline.ipynb #8e83aa99
+# %% ../nbs/52_pipeline.ipynb #7fd3c1e0
 def load_model(model: str | Path | nn.Module,  # preset name, detlearn checkpoint path, or a built model
                weights: str | Path | None = None,  # weights for a preset: detlearn or official file
                device: torch.device = torch.device('cpu'),
               ) -> tuple[nn.Module, list[str], int | None]:  # (model in eval mode, class names, input size or None)
     """Build a ready-to-run detector and its class names from what `pipeline` was given."""
     from detlearn.models import create, list_models
-    if isinstance(model, nn.Module):
-        names = getattr(model, 'class_names', None) or [f'class_{k}' for k in range(model.cfg.num_classes)]
+    if isinstance(model, nn.Module):  # class names from a `class_names` attribute, else numbered
+        num_classes = getattr(getattr(model, 'cfg', None), 'num_classes', 80)
+        names = getattr(model, 'class_names', None) or [f'class_{k}' for k in range(num_classes)]
         return model.to(device).eval(), list(names), None
     if Path(model).suffix in ('.pth', '.pt', '.ckpt') or Path(model).is_file():
         net, names, size = _load_detlearn_checkpoint(Path(model), device)
@@ -150,7 +152,7 @@ def load_model(model: str | Path | nn.Module,  # preset name, detlearn checkpoin
     load_weights(net, weights, verbose=False)
     return net.to(device).eval(), names, (ckpt.get('meta') or {}).get('img_size')
 
-# %% ../nbs/52_pipeline.ipynb #9fd1675c
+# %% ../nbs/52_pipeline.ipynb #9e702187
 class DetectionPipeline:
     """Image(s) in, detections (scores, class names, xyxy boxes in original pixels) out."""
     def __init__(self, model: nn.Module, class_names: Sequence[str], transforms,  # (image, target) -> (tensor, target)
@@ -190,7 +192,7 @@ class DetectionPipeline:
             results += [self._format(d, thr) for d in self.predict(images[start:start + self.batch_size])]
         return results[0] if single else results
 
-# %% ../nbs/52_pipeline.ipynb #efc98c3d
+# %% ../nbs/52_pipeline.ipynb #4d8c7a4b
 def pipeline(task: str,  # 'image-object-detection' (ModelScope's name) or 'object-detection'
              model: str | Path | nn.Module,  # preset name, detlearn checkpoint path, or a built model
              weights: str | Path | None = None,  # weights for a preset (detlearn or official file)
