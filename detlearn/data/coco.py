@@ -6,7 +6,7 @@
 __all__ = ['pil_to_rgb', 'load_image', 'read_image_size', 'load_coco_json', 'category_mapping', 'coco_target', 'CocoDetection',
            'collate_detection']
 
-# %% ../../nbs/02_data_coco.ipynb #c3725fa6
+# %% ../../nbs/02_data_coco.ipynb #2df07935
 import contextlib
 import io
 import json
@@ -20,7 +20,7 @@ from pycocotools.coco import COCO
 
 from ..utils import DetlearnError
 
-# %% ../../nbs/02_data_coco.ipynb #cb8a14cb
+# %% ../../nbs/02_data_coco.ipynb #28d3566f
 def _to_rgb_uint8(im: Image.Image) -> np.ndarray:
     """Convert any PIL mode to an (H, W, 3) uint8 RGB array (alpha dropped, 16-bit scaled by 1/257)."""
     if im.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I'):  # 16-bit gray (PNG 16-bit opens as one of these)
@@ -33,13 +33,13 @@ def _to_rgb_uint8(im: Image.Image) -> np.ndarray:
     if im.mode == 'P' and 'transparency' in im.info: im = im.convert('RGBA')  # avoids PIL's palette warning
     return np.array(im.convert('RGB'))  # a writable copy; RGBA/LA drop alpha here; L/1/P/CMYK become RGB
 
-# %% ../../nbs/02_data_coco.ipynb #7e03d7bf
+# %% ../../nbs/02_data_coco.ipynb #480a054f
 def pil_to_rgb(im: Image.Image,  # an opened PIL image, any mode
               ) -> np.ndarray:  # (H, W, 3) uint8 RGB, in the EXIF-oriented (displayed) frame
     """A PIL image as a person sees it: EXIF orientation applied, converted to RGB uint8 (for images not read from a file)."""
     return _to_rgb_uint8(ImageOps.exif_transpose(im))
 
-# %% ../../nbs/02_data_coco.ipynb #14f7aaff
+# %% ../../nbs/02_data_coco.ipynb #1aace5fc
 def load_image(path: Union[str, Path],  # an image file (JPEG, PNG, BMP, TIFF, WebP, ...)
               ) -> np.ndarray:  # (H, W, 3) uint8 RGB, in the EXIF-oriented (displayed) frame
     """Read an image as a person sees it: EXIF orientation applied, converted to RGB uint8."""
@@ -54,7 +54,7 @@ def load_image(path: Union[str, Path],  # an image file (JPEG, PNG, BMP, TIFF, W
         raise DetlearnError(f"Cannot decode image {path}: {e}. The file is corrupt, truncated or not an image; "
                             "re-export or re-download it, or run `detlearn data check` to list all such files.") from e
 
-# %% ../../nbs/02_data_coco.ipynb #840191ff
+# %% ../../nbs/02_data_coco.ipynb #edc89b80
 def read_image_size(path: Union[str, Path],  # an image file
                    ) -> tuple:  # (height, width) in the EXIF-oriented frame
     """Image size from the file header only (fast): (h, w) after applying the EXIF orientation."""
@@ -63,7 +63,7 @@ def read_image_size(path: Union[str, Path],  # an image file
         orientation = im.getexif().get(0x0112, 1)
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # 5-8 transpose the picture
 
-# %% ../../nbs/02_data_coco.ipynb #d171ea9f
+# %% ../../nbs/02_data_coco.ipynb #465ef155
 _REQUIRED = {'images': ('id', 'file_name', 'width', 'height'),
              'annotations': ('id', 'image_id', 'category_id', 'bbox'),
              'categories': ('id', 'name')}
@@ -93,7 +93,7 @@ def load_coco_json(ann_file: Union[str, Path]) -> dict:
             except (TypeError, ValueError, IndexError, KeyError): pass  # a malformed bbox: the doctor reports it
     return data
 
-# %% ../../nbs/02_data_coco.ipynb #8fc95746
+# %% ../../nbs/02_data_coco.ipynb #0a42a13d
 def category_mapping(categories: list,  # COCO 'categories' entries {'id', 'name'}
                     ) -> tuple:  # (class_names, cat_ids, cat_id_to_label)
     """Map category ids to contiguous labels 0..K-1 in sorted id order; returns names, label->id, id->label."""
@@ -101,7 +101,7 @@ def category_mapping(categories: list,  # COCO 'categories' entries {'id', 'name
     cat_ids = [int(c['id']) for c in ordered]
     return [c['name'] for c in ordered], cat_ids, {c: k for k, c in enumerate(cat_ids)}
 
-# %% ../../nbs/02_data_coco.ipynb #d2000f1d
+# %% ../../nbs/02_data_coco.ipynb #f4b96dfc
 def coco_target(anns: list,  # COCO annotations of one image
                 cat_id_to_label: dict,  # category id -> contiguous label
                 image_id: int, size_hw: tuple) -> dict:
@@ -116,7 +116,7 @@ def coco_target(anns: list,  # COCO annotations of one image
     return {'boxes': boxes_xyxy[keep], 'labels': labels[keep], 'image_id': int(image_id),
             'orig_size': (int(h), int(w)), 'size': (int(h), int(w))}
 
-# %% ../../nbs/02_data_coco.ipynb #f0628ae0
+# %% ../../nbs/02_data_coco.ipynb #9ce9854f
 def _quiet_coco(data: dict) -> COCO:
     """A pycocotools COCO index built from a dict, without its progress prints."""
     coco = COCO()
@@ -124,7 +124,7 @@ def _quiet_coco(data: dict) -> COCO:
     with contextlib.redirect_stdout(io.StringIO()): coco.createIndex()
     return coco
 
-# %% ../../nbs/02_data_coco.ipynb #7ab1a204
+# %% ../../nbs/02_data_coco.ipynb #4e8c12d2
 class CocoDetection(torch.utils.data.Dataset):
     """A COCO-format detection dataset: (RGB uint8 image, target with xyxy pixel boxes and contiguous labels)."""
     def __init__(self, ann_file: Union[str, Path],  # COCO json
@@ -164,7 +164,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return f"CocoDetection({self.ann_file.name}: {len(self)} images, {len(self.class_names)} classes)"
 
-# %% ../../nbs/02_data_coco.ipynb #06e843db
+# %% ../../nbs/02_data_coco.ipynb #0ab011f0
 def collate_detection(batch: list,  # [(image Tensor (3, H, W), target dict), ...]
                       size_divisor: int = 1,  # pad H and W up to a multiple of this (e.g. 32)
                      ) -> tuple:  # images (B, 3, H, W) float, masks (B, H, W) bool True = padding, targets list
