@@ -6,24 +6,22 @@
 __all__ = ['MAX_DOWNLOAD_BYTES', 'download_image', 'read_image', 'eval_transforms_for', 'load_model', 'DetectionPipeline',
            'pipeline']
 
-# %% ../nbs/52_pipeline.ipynb #3177056d
+# %% ../nbs/52_pipeline.ipynb #c1de0f40
 import io
-import tempfile
 import urllib.error
-import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from .data.coco import collate_detection, load_image
+from .data.coco import collate_detection, load_image, pil_to_rgb
 from .utils import DetlearnError
 
-# %% ../nbs/52_pipeline.ipynb #1767c3c2
+# %% ../nbs/52_pipeline.ipynb #67c2fe86
 MAX_DOWNLOAD_BYTES = 50 * 2**20  # 50 MiB: far above any photo, small enough to refuse a video or an archive
 
 def download_image(url: str,  # http(s) URL of an image file
@@ -31,22 +29,22 @@ def download_image(url: str,  # http(s) URL of an image file
                    max_bytes: int = MAX_DOWNLOAD_BYTES,  # refuse larger downloads
                   ) -> np.ndarray:  # (H, W, 3) uint8 RGB
     """Download an image (timeout + size limit) and read it like a file."""
+    too_big = DetlearnError(f"{url} is larger than the {max_bytes} bytes allowed for an image (max_bytes).")
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            declared = int(response.headers.get('Content-Length') or 0)
-            data = response.read(max_bytes + 1)
+            if int(response.headers.get('Content-Length') or 0) > max_bytes: raise too_big  # before reading
+            data = response.read(max_bytes + 1)  # a server may omit or understate the length
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise DetlearnError(f"Could not download {url}: {getattr(e, 'reason', e)}") from None
-    if declared > max_bytes or len(data) > max_bytes:
-        raise DetlearnError(f"{url} is larger than the {max_bytes} bytes allowed for an image (max_bytes).")
-    suffix = Path(urllib.parse.urlparse(url).path).suffix[:8]
-    with tempfile.TemporaryDirectory() as tmp:  # load_image wants a path; it names the file in its errors
-        path = Path(tmp) / f'download{suffix}'
-        path.write_bytes(data)
-        try: return load_image(path)
-        except DetlearnError: raise DetlearnError(f"{url} did not return a readable image.") from None
+    if len(data) > max_bytes: raise too_big
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # decode now, so a truncated download fails here
+            return pil_to_rgb(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise DetlearnError(f"{url} did not return a readable image.") from None
 
-# %% ../nbs/52_pipeline.ipynb #4faa8609
+# %% ../nbs/52_pipeline.ipynb #90b4c070
 def _array_to_rgb(image: np.ndarray) -> np.ndarray:
     """An (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8 array as (H, W, 3) RGB."""
     if image.dtype != np.uint8:
@@ -64,14 +62,12 @@ def read_image(image: str | Path | Image.Image | np.ndarray,  # a path, an http(
     """Any supported input as the data layer's image: (H, W, 3) uint8 RGB, EXIF-oriented."""
     if isinstance(image, str) and image.split('://')[0] in ('http', 'https'): return download_image(image, timeout)
     if isinstance(image, (str, Path)): return load_image(image)
-    if isinstance(image, Image.Image):
-        from detlearn.data.coco import _to_rgb_uint8  # the data layer's mode conversion (gray, RGBA, 16-bit)
-        return _to_rgb_uint8(ImageOps.exif_transpose(image))
+    if isinstance(image, Image.Image): return pil_to_rgb(image)
     if isinstance(image, np.ndarray): return _array_to_rgb(image)
     raise DetlearnError(f"Cannot read an image from {type(image).__name__}: give a path, an http(s) URL, "
                         "a PIL image or an (H, W, 3) uint8 RGB numpy array.")
 
-# %% ../nbs/52_pipeline.ipynb #8d011ecf
+# %% ../nbs/52_pipeline.ipynb #dfcfe9a4
 def eval_transforms_for(model: nn.Module,  # a detlearn detector
                         img_size: int | None = None,  # input size; default: the model's test size
                        ):
@@ -100,7 +96,7 @@ def _empty_target(image: np.ndarray, image_id: int) -> dict:
     return {'boxes': np.zeros((0, 4), np.float32), 'labels': np.zeros((0,), np.int64),
             'image_id': image_id, 'orig_size': size, 'size': size}
 
-# %% ../nbs/52_pipeline.ipynb #6345506d
+# %% ../nbs/52_pipeline.ipynb #eff5f1fe
 def _coco_class_names() -> list[str]:
     """The 80 COCO class names of official checkpoints (from detlearn.hub), or numbered names without it."""
     try:
@@ -123,7 +119,7 @@ def _load_detlearn_checkpoint(path: Path, device: torch.device) -> tuple[nn.Modu
     model.load_state_dict(checkpoint_weights(ckpt))
     return model.to(device), class_names, meta.get('img_size')
 
-# %% ../nbs/52_pipeline.ipynb #7fd3c1e0
+# %% ../nbs/52_pipeline.ipynb #247090b2
 def load_model(model: str | Path | nn.Module,  # preset name, detlearn checkpoint path, or a built model
                weights: str | Path | None = None,  # weights for a preset: detlearn or official file
                device: torch.device = torch.device('cpu'),
@@ -152,7 +148,7 @@ def load_model(model: str | Path | nn.Module,  # preset name, detlearn checkpoin
     load_weights(net, weights, verbose=False)
     return net.to(device).eval(), names, (ckpt.get('meta') or {}).get('img_size')
 
-# %% ../nbs/52_pipeline.ipynb #9e702187
+# %% ../nbs/52_pipeline.ipynb #3577ec8d
 class DetectionPipeline:
     """Image(s) in, detections (scores, class names, xyxy boxes in original pixels) out."""
     def __init__(self, model: nn.Module, class_names: Sequence[str], transforms,  # (image, target) -> (tensor, target)
@@ -192,7 +188,7 @@ class DetectionPipeline:
             results += [self._format(d, thr) for d in self.predict(images[start:start + self.batch_size])]
         return results[0] if single else results
 
-# %% ../nbs/52_pipeline.ipynb #4d8c7a4b
+# %% ../nbs/52_pipeline.ipynb #95d4794b
 def pipeline(task: str,  # 'image-object-detection' (ModelScope's name) or 'object-detection'
              model: str | Path | nn.Module,  # preset name, detlearn checkpoint path, or a built model
              weights: str | Path | None = None,  # weights for a preset (detlearn or official file)
