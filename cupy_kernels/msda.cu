@@ -19,7 +19,9 @@
 //       integer additions give the same bits in any order.
 //
 // No header is included on purpose (cuda_fp16.h / cuda_bf16.h are not on NVRTC's path in every
-// install): the conversions are one PTX instruction or a few bit operations.
+// install): the conversions are one PTX instruction or a few bit operations. The only
+// preprocessor switch, DETLEARN_CPU_EMULATION, lets tests/test_msda.py compile this file with g++
+// and run it on the CPU (threads as lanes, a barrier per shuffle) where no GPU is available.
 
 // ---------------------------------------------------------------- types and conversions
 template <int DT> struct Storage { typedef unsigned short T; typedef float A; };  // fp16, bf16 bits
@@ -30,9 +32,13 @@ template <int DT> __device__ __forceinline__ typename Storage<DT>::A to_acc(type
 template <> __device__ __forceinline__ float to_acc<0>(float x) { return x; }
 template <> __device__ __forceinline__ double to_acc<3>(double x) { return x; }
 template <> __device__ __forceinline__ float to_acc<1>(unsigned short x) {
+#ifdef DETLEARN_CPU_EMULATION  // tests/msda_cpu_emulation.h runs this file on the CPU
+  return detlearn_half_to_float(x);
+#else
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));  // exact: every half is a float
   return f;
+#endif
 }
 template <> __device__ __forceinline__ float to_acc<2>(unsigned short x) {
   return __uint_as_float(((unsigned int)x) << 16);  // bfloat16 = the top 16 bits of a float
@@ -42,9 +48,13 @@ template <int DT> __device__ __forceinline__ typename Storage<DT>::T from_acc(ty
 template <> __device__ __forceinline__ float from_acc<0>(float x) { return x; }
 template <> __device__ __forceinline__ double from_acc<3>(double x) { return x; }
 template <> __device__ __forceinline__ unsigned short from_acc<1>(float x) {
+#ifdef DETLEARN_CPU_EMULATION
+  return detlearn_float_to_half(x);
+#else
   unsigned short h;
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));  // round to nearest even, like torch
   return h;
+#endif
 }
 template <> __device__ __forceinline__ unsigned short from_acc<2>(float x) {
   unsigned int u = __float_as_uint(x);

@@ -1,0 +1,344 @@
+"""Multi-scale deformable attention: the PyTorch reference, the CUDA kernels and the dispatcher.
+
+* always (CPU): reference vs a float64 brute-force loop, gradcheck, bad-input messages, ONNX export
+  (when onnx/onnxruntime are installed), NVRTC compilation of every kernel for sm_75 and sm_90;
+* with g++ (CPU): the CUDA kernels themselves, compiled as C++ with tests/msda_cpu_emulation.h
+  (every CUDA thread a std::thread, a barrier per warp shuffle) and driven by the real host code of
+  detlearn.ops.msda_cupy: forward, all three gradients, every dtype and vector width, determinism;
+* with CUDA + CuPy: the same checks on the GPU, plus float64 gradcheck, autocast, CUDA graphs.
+"""
+import ctypes
+import importlib.util
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from detlearn.ops import msda_cupy as mc
+from detlearn.ops.msda import (compute_level_start_index, ms_deform_attn, ms_deform_attn_loop, ms_deform_attn_pytorch,
+                               random_msda_inputs)
+from detlearn.utils import DetlearnError, resource_dir
+
+HAS_CUPY = importlib.util.find_spec('cupy') is not None
+needs_cupy = pytest.mark.skipif(not HAS_CUPY, reason='CuPy is not installed')
+needs_gpu = pytest.mark.skipif(not (HAS_CUPY and torch.cuda.is_available()), reason='needs CUDA and CuPy')
+TESTS = Path(__file__).resolve().parent
+
+LEVELS = {1: [(5, 7)], 2: [(6, 5), (3, 3)], 3: [(4, 5), (2, 3), (1, 1)], 4: [(6, 8), (3, 4), (2, 2), (1, 1)],
+          5: [(7, 6), (4, 3), (2, 2), (1, 2), (1, 1)]}
+
+
+def as_double(inp):
+    """The inputs in float64 (the rounded values of low-precision inputs, exactly)."""
+    return tuple(t.double() if t.is_floating_point() else t for t in inp)
+
+
+def reference_grads(inp, grad_out):
+    """Output and gradients (value, locations, weights) of the reference in float64."""
+    value, shapes, starts, locs, weights = as_double(inp)
+    value, locs, weights = (t.detach().clone().requires_grad_() for t in (value, locs, weights))
+    out = ms_deform_attn_pytorch(value, shapes, starts, locs, weights)
+    out.backward(grad_out.double())
+    return out.detach(), value.grad, locs.grad, weights.grad
+
+
+def assert_close(actual, expected, rel):
+    """|actual - expected| <= rel * max|expected| (+ a tiny absolute floor)."""
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    assert actual.shape == expected.shape
+    err, scale = (actual - expected).abs().max().item(), expected.abs().max().item()
+    assert err <= rel * scale + 1e-12, f'max error {err:.3g} > {rel} x {scale:.3g}'
+
+
+# ------------------------------------------------------------------ reference (CPU, always)
+@pytest.mark.parametrize('kind', ['random', 'dino'])
+@pytest.mark.parametrize('n_levels', [1, 2, 3, 4, 5])
+def test_reference_matches_loop(kind, n_levels):
+    inp = random_msda_inputs(2, 3, 2, 4, LEVELS[n_levels], points=2, kind=kind, dtype=torch.float64, seed=n_levels)
+    assert_close(ms_deform_attn_pytorch(*inp), ms_deform_attn_loop(*inp), 1e-12)
+
+
+@pytest.mark.parametrize('batch,queries', [(1, 1), (1, 4), (3, 1)])
+def test_reference_small_batches_and_single_query(batch, queries):
+    inp = random_msda_inputs(batch, queries, 3, 5, LEVELS[3], points=3, dtype=torch.float64)
+    out = ms_deform_attn_pytorch(*inp)
+    assert out.shape == (batch, queries, 15)
+    assert_close(out, ms_deform_attn_loop(*inp), 1e-12)
+
+
+def test_reference_points_outside_read_zero():
+    inp = list(random_msda_inputs(1, 4, 2, 3, LEVELS[2], dtype=torch.float64))
+    inp[3] = torch.full_like(inp[3], 1.5)          # every point beyond the right/bottom border by > 1 pixel
+    assert ms_deform_attn_pytorch(*inp).abs().max() == 0
+    inp[3] = torch.full_like(inp[3], -0.5)
+    assert ms_deform_attn_pytorch(*inp).abs().max() == 0
+
+
+def test_reference_non_contiguous_inputs():
+    value, shapes, starts, locs, weights = random_msda_inputs(2, 4, 3, 6, LEVELS[2], dtype=torch.float64)
+    value_nc = value.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)        # (B, S, H, C) view, other strides
+    locs_nc = torch.stack([locs, locs], dim=-1).flatten(-2)[..., ::2]                           # stride 2 in the last dim
+    weights_nc = weights.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not (value_nc.is_contiguous() or locs_nc.is_contiguous() or weights_nc.is_contiguous())
+    assert_close(ms_deform_attn_pytorch(value_nc, shapes, starts, locs_nc, weights_nc),
+                 ms_deform_attn_loop(value, shapes, starts, locs, weights), 1e-12)
+
+
+def test_reference_gradcheck():
+    value, shapes, starts, locs, weights = random_msda_inputs(1, 2, 2, 3, [(3, 4), (2, 2)], points=2, dtype=torch.float64)
+    tensors = tuple(t.requires_grad_() for t in (value, locs, weights))
+    assert torch.autograd.gradcheck(lambda v, l, a: ms_deform_attn_pytorch(v, shapes, starts, l, a), tensors)
+
+
+def test_level_start_index():
+    assert compute_level_start_index(torch.tensor([[100, 167], [50, 84], [25, 42], [13, 21]])).tolist() == \
+        [0, 16700, 20900, 21950]
+
+
+def test_bad_inputs_have_clear_messages():
+    value, shapes, starts, locs, weights = random_msda_inputs(1, 2, 2, 4, LEVELS[2])
+    with pytest.raises(DetlearnError, match=r'attention_weights must be \(B, Q, H, L, P\)'):
+        ms_deform_attn(value, shapes, starts, locs, weights[..., 0])
+    with pytest.raises(DetlearnError, match='L=2 levels but spatial_shapes has 1'):
+        ms_deform_attn(value, shapes[:1], starts[:1], locs, weights)
+    with pytest.raises(DetlearnError, match='value has B=1, H=4 but sampling_locations has B=1, H=2'):
+        ms_deform_attn(value.repeat(1, 1, 2, 1), shapes, starts, locs, weights)
+    with pytest.raises(DetlearnError, match='kind must be'):
+        random_msda_inputs(1, 1, 1, 1, [(1, 1)], kind='nope')
+
+
+def test_dispatcher_uses_reference_on_cpu():
+    inp = random_msda_inputs(2, 3, 2, 8, LEVELS[3], kind='dino')
+    assert torch.equal(ms_deform_attn(*inp), ms_deform_attn_pytorch(*inp))
+
+
+def test_onnx_export_runs_in_onnxruntime(tmp_path):
+    pytest.importorskip('onnx')
+    ort = pytest.importorskip('onnxruntime')
+    pytest.importorskip('onnxscript')
+    levels = [(6, 5), (3, 3)]
+
+    class Attn(torch.nn.Module):
+        def forward(self, value, locs, weights):
+            return ms_deform_attn(value, levels, compute_level_start_index(levels), locs, weights)
+
+    value, _, _, locs, weights = random_msda_inputs(1, 4, 2, 8, levels, kind='dino')
+    path = tmp_path / 'msda.onnx'
+    torch.onnx.export(Attn(), (value, locs, weights), str(path), opset_version=18, dynamo=True)
+    session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    names = [i.name for i in session.get_inputs()]
+    (got,) = session.run(None, dict(zip(names, [value.numpy(), locs.numpy(), weights.numpy()])))
+    assert_close(torch.from_numpy(got), ms_deform_attn_loop(value, levels, compute_level_start_index(levels), locs, weights), 1e-5)
+
+
+# ------------------------------------------------------------------ NVRTC compilation (CPU, always)
+@needs_cupy
+@pytest.mark.parametrize('arch', ['compute_75', 'compute_90'])
+def test_every_kernel_compiles_with_nvrtc(arch):
+    lowered = mc.nvrtc_compile_check(arch)
+    assert set(lowered) == set(mc.kernel_names())
+    for dt in (0, 1, 2):   # fp32 / fp16 / bf16: 16-byte and scalar paths, default and deterministic backward
+        for name in (f'msda_forward<{dt}, {mc.VECTOR_WIDTH[dt]}>', f'msda_forward<{dt}, 1>',
+                     f'msda_backward<{dt}, {mc.VECTOR_WIDTH[dt]}, false>', f'msda_backward<{dt}, 1, true>',
+                     f'msda_fixed_to_value<{dt}>'):
+            assert lowered[name].startswith('_Z')
+
+
+@needs_cupy
+def test_compile_check_reports_the_compiler_log(monkeypatch):
+    monkeypatch.setattr(mc, 'kernel_source', lambda: 'this is not CUDA')
+    with pytest.raises(RuntimeError, match='NVRTC could not compile'):
+        mc.nvrtc_compile_check('compute_75')
+
+
+def test_kernel_source_is_bundled():
+    assert (resource_dir('cupy_kernels') / mc.KERNEL_FILE).is_file()
+
+
+# ------------------------------------------------------------------ the kernels on the CPU (emulated)
+@pytest.fixture(scope='module')
+def emulator(tmp_path_factory):
+    """A ctypes launcher running msda.cu's kernels on the CPU (see tests/msda_cpu_emulation.h)."""
+    compiler = shutil.which('g++')
+    if compiler is None: pytest.skip('g++ is not installed')
+    lib_path = tmp_path_factory.mktemp('msda_emu') / 'msda_emu.so'
+    subprocess.run([compiler, '-O1', '-std=c++20', '-shared', '-fPIC', '-pthread', '-Wno-unknown-pragmas',
+                    f'-I{TESTS}', f'-I{resource_dir("cupy_kernels")}', str(TESTS / 'msda_cpu_emulation.cpp'),
+                    '-o', str(lib_path)], check=True, capture_output=True, timeout=300)
+    lib = ctypes.CDLL(str(lib_path))
+    lib.emu_run.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.POINTER(ctypes.c_uint64)]
+
+    def launch(name, threads, args, device):
+        assert device.type == 'cpu'
+        slots = (ctypes.c_uint64 * len(args))(*[int(a) & 0xFFFFFFFFFFFFFFFF for a in args])
+        status = lib.emu_run(name.encode(), (threads + mc.BLOCK - 1) // mc.BLOCK, mc.BLOCK, slots)
+        assert status != 2, f'{name}: a lane skipped a warp shuffle that the rest of its warp reached'
+        assert status == 0, f'{name}: unknown kernel'
+    return launch
+
+
+def prepared(inp, dtype, misalign=False):
+    """Kernel-ready CPU inputs (what ms_deform_attn_cupy hands to the Function); optionally a 4-byte-misaligned value."""
+    value, shapes, starts, locs, weights = inp
+    coords = torch.float64 if dtype == torch.float64 else torch.float32
+    value = value.to(dtype)
+    if misalign:  # same numbers, base address off by one element: forces the scalar path
+        buffer = torch.empty(value.numel() + 1, dtype=dtype)
+        buffer[1:] = value.flatten()
+        value = buffer[1:].view(value.shape)
+    return (value.contiguous() if not misalign else value, shapes.to(torch.int32), starts.to(torch.int32),
+            locs.to(coords).contiguous(), weights.to(coords).contiguous())
+
+
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
+# (dtype, channels, misalign): 16-byte paths, scalar fallbacks (C not a multiple of V, misaligned base),
+# idle lanes (C = 48 fp32: 12 pieces on 16 lanes), several chunks (C = 160 fp32: 40 pieces on 32 lanes)
+CASES = [(torch.float32, 32, False), (torch.float32, 16, True), (torch.float32, 48, False), (torch.float32, 160, False),
+         (torch.float16, 32, False), (torch.float16, 12, False), (torch.float16, 64, True),
+         (torch.bfloat16, 16, False), (torch.bfloat16, 64, False), (torch.float64, 8, False)]
+
+
+@pytest.mark.parametrize('dtype,channels,misalign', CASES, ids=lambda x: str(x).replace('torch.', ''))
+def test_emulated_kernels_match_reference(emulator, dtype, channels, misalign):
+    n_levels = 1 + channels % 5
+    inp = random_msda_inputs(2, 3, 2, channels, LEVELS[n_levels], points=3, kind='random', seed=channels)
+    value, shapes, starts, locs, weights = prepared(inp, dtype, misalign)
+    width = mc.VECTOR_WIDTH[mc.DTYPE_CODES[dtype]]
+    assert (mc.launch_config(channels, mc.DTYPE_CODES[dtype], value)[0] == 1) == (misalign or channels % width > 0 or width == 1)
+    grad_out = torch.randn(2, 3, 2 * channels, generator=torch.Generator().manual_seed(1)).to(dtype)
+    ref_out, ref_gv, ref_gl, ref_ga = reference_grads((value, shapes, starts, locs, weights), grad_out)
+    out = mc.msda_forward_raw(value, shapes, starts, locs, weights, launch=emulator)
+    assert out.dtype == dtype
+    assert_close(out, ref_out, TOL[dtype])
+    gv, gl, ga = mc.msda_backward_raw(grad_out, value, shapes, starts, locs, weights, launch=emulator)
+    assert gv.dtype == dtype and gl.dtype == locs.dtype and ga.dtype == weights.dtype
+    coords_tol = TOL[torch.float64] * 1e3 if dtype == torch.float64 else 2e-5  # fp32 sums of exactly rounded products
+    assert_close(gv, ref_gv, TOL[dtype])
+    assert_close(gl, ref_gl, coords_tol)
+    assert_close(ga, ref_ga, coords_tol)
+
+
+@pytest.mark.parametrize('kind,batch,queries,n_levels', [('dino', 1, 1, 4), ('random', 1, 5, 5), ('dino', 2, 4, 2)])
+def test_emulated_kernels_dino_like_and_edge_sizes(emulator, kind, batch, queries, n_levels):
+    inp = random_msda_inputs(batch, queries, 3, 16, LEVELS[n_levels], points=4, kind=kind, seed=queries)
+    value, shapes, starts, locs, weights = prepared(inp, torch.float32)
+    grad_out = torch.randn(batch, queries, 48, generator=torch.Generator().manual_seed(2))
+    ref = reference_grads((value, shapes, starts, locs, weights), grad_out)
+    assert_close(mc.msda_forward_raw(value, shapes, starts, locs, weights, launch=emulator), ref[0], 2e-5)
+    for got, expected in zip(mc.msda_backward_raw(grad_out, value, shapes, starts, locs, weights, launch=emulator), ref[1:]):
+        assert_close(got, expected, 2e-5)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+def test_emulated_deterministic_backward_is_bit_identical(emulator, dtype):
+    # many queries on a tiny map: every value element receives dozens of racing contributions
+    inp = random_msda_inputs(1, 24, 2, 8, [(2, 2), (1, 1)], points=4, kind='dino', seed=3)
+    value, shapes, starts, locs, weights = prepared(inp, dtype)
+    grad_out = torch.randn(1, 24, 16, generator=torch.Generator().manual_seed(4)).to(dtype)
+    runs = [mc.msda_backward_raw(grad_out, value, shapes, starts, locs, weights, deterministic=True, launch=emulator)
+            for _ in range(3)]
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run): assert torch.equal(a, b)
+    ref = reference_grads((value, shapes, starts, locs, weights), grad_out)
+    assert_close(runs[0][0], ref[1], TOL[dtype])
+    assert_close(runs[0][1], ref[2], 2e-5)
+
+
+# ------------------------------------------------------------------ the kernels on a GPU
+@needs_gpu
+@pytest.mark.parametrize('kind', ['random', 'dino'])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('channels', [16, 32, 64])
+@pytest.mark.parametrize('n_levels', [1, 4, 5])
+def test_gpu_kernel_matches_reference(kind, dtype, channels, n_levels):
+    inp = random_msda_inputs(2, 37, 8, channels, LEVELS[n_levels], points=4, kind=kind, dtype=dtype, device='cuda')
+    grad_out = torch.randn(2, 37, 8 * channels, device='cuda').to(dtype)
+    ref = reference_grads(inp, grad_out)
+    value, shapes, starts, locs, weights = (t.clone().requires_grad_() if t.is_floating_point() else t for t in inp)
+    out = mc.ms_deform_attn_cupy(value, shapes, starts, locs, weights)
+    out.backward(grad_out)
+    assert_close(out, ref[0], TOL[dtype])
+    assert_close(value.grad, ref[1], TOL[dtype])
+    assert_close(locs.grad, ref[2], 1e-4)
+    assert_close(weights.grad, ref[3], 1e-4)
+
+
+@needs_gpu
+@pytest.mark.parametrize('batch,queries', [(1, 1), (1, 300), (3, 1)])
+def test_gpu_small_batches_single_query_and_non_contiguous(batch, queries):
+    value, shapes, starts, locs, weights = random_msda_inputs(batch, queries, 8, 32, LEVELS[4], kind='dino', device='cuda')
+    value_nc = value.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    locs_nc = torch.stack([locs, locs], dim=-1).flatten(-2)[..., ::2]
+    assert not (value_nc.is_contiguous() or locs_nc.is_contiguous())
+    out = mc.ms_deform_attn_cupy(value_nc, shapes, starts, locs_nc, weights)
+    assert_close(out, ms_deform_attn_pytorch(*as_double((value, shapes, starts, locs, weights))), 2e-5)
+
+
+@needs_gpu
+def test_gpu_gradcheck_float64():
+    inp = random_msda_inputs(1, 3, 2, 4, [(4, 5), (2, 3)], points=2, dtype=torch.float64, device='cuda')
+    value, shapes, starts, locs, weights = inp
+    tensors = tuple(t.clone().requires_grad_() for t in (value, locs, weights))
+    assert torch.autograd.gradcheck(lambda v, l, a: mc.ms_deform_attn_cupy(v, shapes, starts, l, a), tensors)
+
+
+@needs_gpu
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_deterministic_backward_is_bit_identical(dtype):
+    inp = random_msda_inputs(2, 2000, 8, 32, [(20, 20), (10, 10)], kind='dino', dtype=dtype, device='cuda')
+    grad_out = torch.randn(2, 2000, 256, device='cuda').to(dtype)
+    runs = []
+    for _ in range(3):
+        value, shapes, starts, locs, weights = (t.clone().requires_grad_() if t.is_floating_point() else t for t in inp)
+        mc.ms_deform_attn_cupy(value, shapes, starts, locs, weights, deterministic=True).backward(grad_out)
+        runs.append((value.grad, locs.grad, weights.grad))
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run): assert torch.equal(a, b)
+    assert_close(runs[0][0], reference_grads(inp, grad_out)[1], TOL[dtype])
+
+
+@needs_gpu
+def test_gpu_autocast_and_dispatcher():
+    value, shapes, starts, locs, weights = random_msda_inputs(2, 50, 8, 32, LEVELS[4], kind='dino', device='cuda')
+    proj = torch.nn.Linear(32, 32).cuda()
+    with torch.autocast('cuda', dtype=torch.float16):
+        v = proj(value)                                  # fp16 under autocast
+        out = ms_deform_attn(v, shapes, starts, locs.half(), weights.half())
+    assert out.dtype == torch.float16
+    out.float().sum().backward()
+    assert proj.weight.grad is not None and torch.isfinite(proj.weight.grad).all()
+    ref = ms_deform_attn_pytorch(v.detach().double(), shapes, starts, locs.half().double(), weights.half().double())
+    assert_close(out, ref, 2e-3)
+
+
+@needs_gpu
+def test_gpu_runs_on_current_stream_and_in_cuda_graph():
+    inp = random_msda_inputs(2, 100, 8, 32, LEVELS[4], kind='dino', device='cuda')
+    expected = mc.ms_deform_attn_cupy(*inp)              # first call compiles, outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            captured = mc.ms_deform_attn_cupy(*inp)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, expected)
+
+
+@needs_gpu
+def test_gpu_kernel_memory_not_above_reference():
+    inp = random_msda_inputs(2, 2000, 8, 32, [(50, 84), (25, 42), (13, 21), (7, 11)], kind='dino', device='cuda')
+    peaks = []
+    for fn in (mc.ms_deform_attn_cupy, ms_deform_attn_pytorch):
+        value, shapes, starts, locs, weights = (t.clone().requires_grad_() if t.is_floating_point() else t for t in inp)
+        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn(value, shapes, starts, locs, weights).sum().backward()
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+    assert peaks[0] <= peaks[1]
