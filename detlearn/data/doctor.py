@@ -6,7 +6,7 @@
 __all__ = ['PROBLEM_KINDS', 'Problem', 'DatasetError', 'DatasetReport', 'format_report', 'check_dataset', 'drop_bad_annotations',
            'main_check', 'main_convert']
 
-# %% ../../nbs/04_data_doctor.ipynb #d5f8fe67
+# %% ../../nbs/04_data_doctor.ipynb #d021b146
 import sys
 import warnings
 from collections import Counter
@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from .coco import load_coco_json, read_image_size
 from ..utils import DetlearnError
 
-# %% ../../nbs/04_data_doctor.ipynb #2a900906
+# %% ../../nbs/04_data_doctor.ipynb #b6dec999
 PROBLEM_KINDS = {  # kind: (severity, how to fix)
     'missing_file': ('error', "put the file in the images folder, fix its 'file_name', or drop the image"),
     'unreadable_file': ('error', "re-export or re-download the file (it is corrupt, truncated or not an image)"),
@@ -48,7 +48,7 @@ class Problem:
     @property
     def severity(self) -> str: return PROBLEM_KINDS[self.kind][0]
 
-# %% ../../nbs/04_data_doctor.ipynb #b34e7db5
+# %% ../../nbs/04_data_doctor.ipynb #4b690598
 class DatasetError(DetlearnError):
     """A dataset that failed the dataset doctor's checks; the message is the full report."""
 
@@ -78,7 +78,7 @@ class DatasetReport:
         """The report as text: a header, one line per problem kind (count, fix), then the first rows of each kind."""
         return format_report(self, max_rows)
 
-# %% ../../nbs/04_data_doctor.ipynb #4370ffcf
+# %% ../../nbs/04_data_doctor.ipynb #304822a1
 def _row(p: Problem) -> str:
     where = f"{p.file_name or '-'}  image {p.image_id if p.image_id is not None else '-'}"
     if p.ann_id is not None: where += f"  ann {p.ann_id}"
@@ -101,7 +101,7 @@ def format_report(report: DatasetReport, max_rows: int = 5) -> str:
         if len(rows) > max_rows: lines.append(f"    ... and {len(rows) - max_rows} more")
     return '\n'.join(lines)
 
-# %% ../../nbs/04_data_doctor.ipynb #9139f7f0
+# %% ../../nbs/04_data_doctor.ipynb #e08d7bdb
 def _check_ids(data: dict) -> list:
     """Duplicate image/annotation/category ids, and category id 0."""
     out = []
@@ -121,7 +121,7 @@ def _check_ids(data: dict) -> list:
         if c['id'] == 0: out.append(Problem('category_id_zero', f"category {c['name']!r} has id 0"))
     return out
 
-# %% ../../nbs/04_data_doctor.ipynb #72100ddd
+# %% ../../nbs/04_data_doctor.ipynb #ef5b2494
 def _check_file(img: dict, images_dir: Path, decode: bool) -> list:
     """Missing, unreadable or wrongly sized image file (size compared after EXIF orientation)."""
     where = dict(file_name=img['file_name'], image_id=img['id'])
@@ -138,7 +138,7 @@ def _check_file(img: dict, images_dir: Path, decode: bool) -> list:
                         "after EXIF orientation", **where)]
     return []
 
-# %% ../../nbs/04_data_doctor.ipynb #1148569e
+# %% ../../nbs/04_data_doctor.ipynb #0b62d0f6
 def _check_annotation(ann: dict, images: dict, cat_ids: set, tolerance: float) -> list:
     """Unknown image/category, malformed, empty or out-of-image box for one annotation."""
     img = images.get(ann['image_id'])
@@ -159,7 +159,7 @@ def _check_annotation(ann: dict, images: dict, cat_ids: set, tolerance: float) -
                            f"{img['width']}x{img['height']} image by more than {tolerance:g} px", **where))
     return out
 
-# %% ../../nbs/04_data_doctor.ipynb #99f2f737
+# %% ../../nbs/04_data_doctor.ipynb #d145805a
 def check_dataset(ann_file: Union[str, Path, dict],  # a COCO json file, or its already-loaded dict
                   images_dir: Union[str, Path],  # folder the 'file_name's are relative to
                   decode: bool = True,  # fully decode every image (catches truncated files); False reads headers only
@@ -182,7 +182,7 @@ def check_dataset(ann_file: Union[str, Path, dict],  # a COCO json file, or its 
     counts = {k: len(data[k]) for k in ('images', 'annotations', 'categories')}
     return DatasetReport(ann_name, images_dir, problems, counts)
 
-# %% ../../nbs/04_data_doctor.ipynb #8dd62ad4
+# %% ../../nbs/04_data_doctor.ipynb #eef33191
 _DROP_IMAGE_KINDS = ('missing_file', 'unreadable_file')
 
 def drop_bad_annotations(coco_dict: dict,  # a loaded COCO dataset (not modified)
@@ -199,7 +199,7 @@ def drop_bad_annotations(coco_dict: dict,  # a loaded COCO dataset (not modified
                       f"images with errors from {report.ann_name} (drop_bad=True)")
     return {**coco_dict, 'images': images, 'annotations': anns}, n_dropped
 
-# %% ../../nbs/04_data_doctor.ipynb #547715f1
+# %% ../../nbs/04_data_doctor.ipynb #9c5e1d9c
 def main_check(ann_file: Union[str, Path], images_dir: Union[str, Path], decode: bool = True, max_rows: int = 10) -> int:
     """CLI body of `detlearn data check`: print the report; exit code 1 on dataset errors, 2 on unreadable input."""
     try: report = check_dataset(ann_file, images_dir, decode=decode)
