@@ -1,0 +1,103 @@
+"""YOLOX presets against the official model's facts (tests/data/yolox_reference.json.gz) and its algorithms."""
+import gzip
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from detlearn.models import create, list_models, model_info
+from detlearn.models.yolox import yolox_postprocess
+from detlearn.utils import DetlearnError
+
+REFERENCE = json.loads(gzip.decompress((Path(__file__).parent / 'data/yolox_reference.json.gz').read_bytes()))
+PRESETS = ['yolox_nano', 'yolox_tiny', 'yolox_s', 'yolox_m', 'yolox_l', 'yolox_x']
+
+
+@pytest.mark.parametrize('name', PRESETS)
+def test_preset_matches_official_names_shapes_params_and_flops(name):
+    ref = REFERENCE[name]
+    model = create(name)
+    assert sum(p.numel() for p in model.parameters()) == ref['num_params']
+    ours = [[k, list(v.shape), str(v.dtype).removeprefix('torch.')] for k, v in model.state_dict().items()]
+    assert ours == ref['state_dict']  # same names, shapes, dtypes, in the official order
+    info = model_info(model, 640)
+    assert info['params'] == ref['num_params']
+    assert abs(info['gflops'] / ref['gflops_640'] - 1) < 0.01, (info, ref['gflops_640'])
+
+
+def test_create_errors_and_overrides():
+    assert list_models()[:6] == PRESETS
+    with pytest.raises(DetlearnError, match='available models: yolox_nano'):
+        create('yolo_s')
+    with pytest.raises(DetlearnError, match='valid fields'):
+        create('yolox_s', cfg_overrides={'nms': 0.5})
+    m = create('yolox_nano', num_classes=5, cfg_overrides={'nms_thre': 0.5})
+    assert m.cfg.nms_thre == 0.5 and m.head.cls_preds[2].out_channels == 5
+
+
+def test_forward_layout_and_decoding_by_hand():
+    torch.manual_seed(0)
+    model = create('yolox_nano', num_classes=4).eval()
+    x = torch.rand(1, 3, 64, 96) * 255
+    with torch.no_grad():
+        out = model(x)
+        maps = model.head(model.backbone(x))  # per level (1, 4+1+K, H, W) = [reg, obj, cls]
+    assert [tuple(m.shape[-2:]) for m in maps] == [(8, 12), (4, 6), (2, 3)]
+    n = 0
+    for m, s in zip(maps, (8, 16, 32)):
+        for row in range(m.shape[2]):
+            for col in range(m.shape[3]):
+                t = m[0, :, row, col]
+                want = torch.cat([torch.stack([(t[0] + col) * s, (t[1] + row) * s, t[2].exp() * s, t[3].exp() * s]),
+                                  t[4:].sigmoid()])
+                torch.testing.assert_close(out['decoded'][0, n], want, rtol=1e-5, atol=1e-5)
+                assert out['grids'][n].tolist() == [col, row] and out['strides'][n] == s
+                n += 1
+    assert n == out['decoded'].shape[1] == 126
+
+
+def test_train_mode_outputs_carry_grad_but_decoded_does_not():
+    model = create('yolox_nano', num_classes=2).train()
+    out = model(torch.rand(2, 3, 64, 64) * 255)
+    assert out['boxes'].requires_grad and out['cls_logits'].requires_grad and out['reg_raw'].requires_grad
+    assert not out['decoded'].requires_grad
+    assert model.use_l1 is False
+
+
+def reference_postprocess(decoded, size_hw, input_hw, conf, nms):
+    """The official algorithm written out directly (yolox.utils.postprocess, then / r and clip)."""
+    p = decoded.clone()
+    xyxy = torch.stack([p[:, 0] - p[:, 2] / 2, p[:, 1] - p[:, 3] / 2, p[:, 0] + p[:, 2] / 2, p[:, 1] + p[:, 3] / 2], 1)
+    cls_conf, cls = p[:, 5:].max(1)
+    score = p[:, 4] * cls_conf
+    keep = score >= conf
+    xyxy, score, cls = xyxy[keep], score[keep], cls[keep]
+    idx = torchvision.ops.batched_nms(xyxy, score, cls, nms)
+    r = min(input_hw[0] / size_hw[0], input_hw[1] / size_hw[1])
+    b = xyxy[idx] / r
+    b[:, 0::2] = b[:, 0::2].clamp(0, size_hw[1]); b[:, 1::2] = b[:, 1::2].clamp(0, size_hw[0])
+    return b, score[idx], cls[idx]
+
+
+def test_postprocess_matches_the_official_algorithm():
+    g = torch.Generator().manual_seed(0)
+    B, N, K = 3, 300, 5
+    decoded = torch.cat([torch.rand(B, N, 2, generator=g) * 128, torch.rand(B, N, 2, generator=g) * 40 + 2,
+                         torch.rand(B, N, 1 + K, generator=g)], -1)
+    sizes = torch.tensor([[480, 640], [640, 320], [100, 100]])
+    dets = yolox_postprocess(decoded, sizes, (128, 128), conf_thre=0.3, nms_thre=0.45)
+    for i in range(B):
+        b, s, c = reference_postprocess(decoded[i], sizes[i].tolist(), (128, 128), 0.3, 0.45)
+        assert len(b) > 5 and len(b) < N
+        torch.testing.assert_close(dets[i]['boxes'], b)
+        torch.testing.assert_close(dets[i]['scores'], s)
+        assert torch.equal(dets[i]['labels'], c) and dets[i]['labels'].dtype == torch.int64
+
+
+def test_bias_prior():
+    m = create('yolox_s', num_classes=3)
+    for conv in [*m.head.cls_preds, *m.head.obj_preds]:
+        torch.testing.assert_close(conv.bias, torch.full_like(conv.bias, -math.log(99)))
