@@ -6,12 +6,12 @@
 __all__ = ['box_xyxy_to_cxcywh', 'box_cxcywh_to_xyxy', 'box_xywh_to_xyxy', 'box_xyxy_to_xywh', 'box_area', 'box_iou',
            'generalized_box_iou', 'clamp_boxes', 'batched_nms', 'inverse_sigmoid']
 
-# %% ../nbs/01_boxes.ipynb #7ecdd484
+# %% ../nbs/01_boxes.ipynb #bd7fa349
 import torch
 from torch import Tensor
 import torchvision
 
-# %% ../nbs/01_boxes.ipynb #183ee713
+# %% ../nbs/01_boxes.ipynb #71770d8b
 def box_xyxy_to_cxcywh(boxes_xyxy: Tensor,  # (..., 4) x1, y1, x2, y2
                       ) -> Tensor:  # (..., 4) cx, cy, w, h
     """Corners to centre and size."""
@@ -36,7 +36,7 @@ def box_xyxy_to_xywh(boxes_xyxy: Tensor,  # (..., 4) x1, y1, x2, y2
     x1, y1, x2, y2 = boxes_xyxy.unbind(-1)
     return torch.stack([x1, y1, x2 - x1, y2 - y1], dim=-1)
 
-# %% ../nbs/01_boxes.ipynb #880aeef4
+# %% ../nbs/01_boxes.ipynb #b8dc6ff3
 def box_area(boxes_xyxy: Tensor,  # (..., 4) x1, y1, x2, y2
             ) -> Tensor:  # (...,)
     """Area of boxes in corner format (0 for degenerate boxes with x2 < x1 or y2 < y1)."""
@@ -59,7 +59,7 @@ def box_iou(boxes1_xyxy: Tensor,  # (N, 4) x1, y1, x2, y2
     inter, union = _inter_union(boxes1_xyxy, boxes2_xyxy)
     return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), 0.)
 
-# %% ../nbs/01_boxes.ipynb #c45b4827
+# %% ../nbs/01_boxes.ipynb #f2fa47f3
 def generalized_box_iou(boxes1_xyxy: Tensor,  # (N, 4) x1, y1, x2, y2
                         boxes2_xyxy: Tensor,  # (M, 4) x1, y1, x2, y2
                        ) -> Tensor:  # (N, M) GIoU in (-1, 1]
@@ -73,7 +73,7 @@ def generalized_box_iou(boxes1_xyxy: Tensor,  # (N, 4) x1, y1, x2, y2
     enclosing = wh[..., 0] * wh[..., 1]                                           # (N, M)
     return iou - torch.where(enclosing > 0, (enclosing - union) / enclosing.clamp(min=tiny), 0.)
 
-# %% ../nbs/01_boxes.ipynb #bace6ba9
+# %% ../nbs/01_boxes.ipynb #f9b2e475
 def clamp_boxes(boxes_xyxy: Tensor,  # (..., 4) x1, y1, x2, y2, pixels
                 size_hw: tuple[int, int] | Tensor,  # (h, w) of the image the boxes live in
                ) -> Tensor:  # (..., 4) clamped to [0, w] x [0, h]
@@ -82,7 +82,7 @@ def clamp_boxes(boxes_xyxy: Tensor,  # (..., 4) x1, y1, x2, y2, pixels
     x1, y1, x2, y2 = boxes_xyxy.unbind(-1)
     return torch.stack([x1.clamp(0, w), y1.clamp(0, h), x2.clamp(0, w), y2.clamp(0, h)], dim=-1)
 
-# %% ../nbs/01_boxes.ipynb #3a4b4fad
+# %% ../nbs/01_boxes.ipynb #358a267e
 def batched_nms(boxes_xyxy: Tensor,  # (N, 4) x1, y1, x2, y2
                 scores: Tensor,  # (N,) float
                 labels: Tensor,  # (N,) int64 class of each box; only same-class boxes suppress each other
@@ -93,7 +93,7 @@ def batched_nms(boxes_xyxy: Tensor,  # (N, 4) x1, y1, x2, y2
         return torch.zeros(0, dtype=torch.int64, device=boxes_xyxy.device)
     return torchvision.ops.batched_nms(boxes_xyxy.float(), scores.float(), labels, iou_threshold)
 
-# %% ../nbs/01_boxes.ipynb #602457de
+# %% ../nbs/01_boxes.ipynb #809c1aab
 def inverse_sigmoid(x: Tensor,  # values in [0, 1], e.g. normalised cxcywh boxes
                     eps: float = 1e-5,  # D-FINE uses 1e-5, DINO 1e-3: bounds the logit to +-log(1/eps)
                    ) -> Tensor:  # same shape, logits
