@@ -101,3 +101,18 @@ def test_bias_prior():
     m = create('yolox_s', num_classes=3)
     for conv in [*m.head.cls_preds, *m.head.obj_preds]:
         torch.testing.assert_close(conv.bias, torch.full_like(conv.bias, -math.log(99)))
+
+
+def test_loss_through_the_model_and_use_l1():
+    torch.manual_seed(0)
+    model = create('yolox_nano', num_classes=3).train()
+    x = torch.rand(1, 3, 64, 64) * 255
+    targets = [dict(boxes=torch.tensor([[4., 8, 40, 50]]), labels=torch.tensor([2]))]
+    losses = model.loss(model(x), targets)
+    assert {'loss', 'loss_iou', 'loss_obj', 'loss_cls', 'loss_l1', 'num_fg'} <= set(losses)
+    assert float(losses['loss_l1']) == 0 and float(losses['num_fg']) > 0
+    model.use_l1 = True
+    losses = model.loss(model(x), targets)
+    assert float(losses['loss_l1']) > 0
+    torch.testing.assert_close(losses['loss'], losses['loss_iou'] + losses['loss_obj'] + losses['loss_cls'] + losses['loss_l1'])
+    assert list(model.state_dict()) == [k for k, _, _ in REFERENCE['yolox_nano']['state_dict']]

@@ -6,7 +6,7 @@
 __all__ = ['STRIDES', 'IN_CHANNELS', 'YOLOXConfig', 'yolox_nano', 'yolox_tiny', 'yolox_s', 'yolox_m', 'yolox_l', 'yolox_x',
            'YOLOXHead', 'make_grids', 'decode_boxes', 'YOLOX', 'yolox_postprocess']
 
-# %% ../../nbs/22_models_yolox.ipynb #aba9d0e9
+# %% ../../nbs/22_models_yolox.ipynb #ed275769
 import math
 from dataclasses import dataclass
 
@@ -17,7 +17,7 @@ from torch import Tensor
 from ..backbones.cspdarknet import BaseConv, DWConv, YOLOPAFPN
 from ..boxes import batched_nms, box_cxcywh_to_xyxy, clamp_boxes
 
-# %% ../../nbs/22_models_yolox.ipynb #80299c9d
+# %% ../../nbs/22_models_yolox.ipynb #9cc82818
 STRIDES = (8, 16, 32)  # output strides of dark3, dark4, dark5
 IN_CHANNELS = (256, 512, 1024)  # PAFPN channels at width 1.0 (scaled by `width`)
 
@@ -61,7 +61,7 @@ def yolox_x(num_classes: int = 80) -> YOLOXConfig:
     """YOLOX-x: 99.1 M parameters, 640×640."""
     return YOLOXConfig(depth=1.33, width=1.25, num_classes=num_classes)
 
-# %% ../../nbs/22_models_yolox.ipynb #7c76e570
+# %% ../../nbs/22_models_yolox.ipynb #035929c0
 class YOLOXHead(nn.Module):
     """Decoupled YOLOX head: per level a 1×1 stem, a cls tower and a reg tower, then cls/reg/obj 1×1 predictors."""
     def __init__(self, num_classes: int, width: float = 1.0, strides: tuple[int, ...] = STRIDES,
@@ -95,7 +95,7 @@ class YOLOXHead(nn.Module):
                                    self.cls_preds[k](cls_feat)], dim=1))
         return outs
 
-# %% ../../nbs/22_models_yolox.ipynb #604ae654
+# %% ../../nbs/22_models_yolox.ipynb #a56688ca
 def make_grids(sizes_hw: list[tuple[int, int]],  # (H_l, W_l) of each level
                strides: tuple[int, ...],  # s_l of each level
                device: torch.device | None = None, dtype: torch.dtype = torch.float32,
@@ -117,7 +117,7 @@ def decode_boxes(reg_raw: Tensor,  # (B, N, 4) raw t_x, t_y, t_w, t_h
     s = strides[:, None]  # (N, 1)
     return torch.cat([(reg_raw[..., :2] + grids) * s, torch.exp(reg_raw[..., 2:4]) * s], dim=-1)
 
-# %% ../../nbs/22_models_yolox.ipynb #77721222
+# %% ../../nbs/22_models_yolox.ipynb #d4a711ff
 class YOLOX(nn.Module):
     """YOLOX detector: YOLOPAFPN (CSPDarknet + neck) as `backbone`, the decoupled `head` (official module names)."""
     def __init__(self, cfg: YOLOXConfig):
@@ -127,6 +127,7 @@ class YOLOX(nn.Module):
         self.head = YOLOXHead(cfg.num_classes, cfg.width, STRIDES, IN_CHANNELS, cfg.act, cfg.depthwise)
         self.head.initialize_biases(cfg.prior_prob)
         self.use_l1 = False  # the trainer switches the L1 box loss on for the last epochs
+        self.criterion = None  # a YOLOXCriterion (no tensors of its own: the state_dict stays the official one)
         self._grid_cache: dict = {}
 
     def grids_and_strides(self, sizes_hw: list[tuple[int, int]], like: Tensor) -> tuple[Tensor, Tensor]:
@@ -151,15 +152,17 @@ class YOLOX(nn.Module):
 
     def loss(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
         """SimOTA-assigned YOLOX losses (IoU, objectness, class, L1 when `self.use_l1`); see the loss chapter."""
-        from detlearn.models.yolox_loss import YOLOXCriterion  # that chapter comes after this one
-        return YOLOXCriterion(self.cfg.num_classes)(outputs, targets, use_l1=self.use_l1)
+        if self.criterion is None:  # built on first use; set `model.criterion` yourself to change its options
+            from detlearn.models.yolox_loss import YOLOXCriterion  # the loss chapter comes after this one
+            self.criterion = YOLOXCriterion(self.cfg.num_classes)
+        return self.criterion(outputs, targets, use_l1=self.use_l1)
 
     def postprocess(self, outputs: dict, sizes: Tensor,  # (B, 2) original (h, w)
                    ) -> list[dict]:
         """Detections in original-image pixels; see `yolox_postprocess`."""
         return yolox_postprocess(outputs['decoded'], sizes, outputs['input_size'], self.cfg.conf_thre, self.cfg.nms_thre)
 
-# %% ../../nbs/22_models_yolox.ipynb #ce1aaa17
+# %% ../../nbs/22_models_yolox.ipynb #d004f8ca
 def yolox_postprocess(decoded: Tensor,  # (B, N, 5+K) [cx, cy, w, h, obj prob, cls probs], input pixels
                       sizes: Tensor,  # (B, 2) original (h, w) of each image
                       input_size: tuple[int, int],  # (H_in, W_in) letterbox size the network saw
