@@ -6,7 +6,7 @@
 __all__ = ['STAT_NAMES', 'load_coco_gt', 'to_coco_results', 'EvalResult', 'evaluate_coco', 'CocoEvaluator', 'PRCurves',
            'pr_curves', 'plot_pr_curves', 'ConfusionMatrix', 'confusion_matrix', 'plot_confusion_matrix']
 
-# %% ../nbs/07_evaluation.ipynb #1d2dd7b3
+# %% ../nbs/07_evaluation.ipynb #1e47236e
 import contextlib
 import io
 import json
@@ -24,7 +24,7 @@ from pycocotools.cocoeval import COCOeval
 from .boxes import box_iou, box_xywh_to_xyxy, box_xyxy_to_xywh
 from .utils import DetlearnError
 
-# %% ../nbs/07_evaluation.ipynb #c1734a14
+# %% ../nbs/07_evaluation.ipynb #27320c68
 STAT_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl')
 
 def _quiet():
@@ -52,7 +52,7 @@ def load_coco_gt(coco_gt: COCO | dict | str | Path,  # a COCO object, an annotat
     with _quiet(): coco.createIndex()
     return coco
 
-# %% ../nbs/07_evaluation.ipynb #5c0e3960
+# %% ../nbs/07_evaluation.ipynb #2388e1bf
 def _as_list(x, shape: tuple) -> list:
     """A tensor / array / list as a plain (nested) Python list of the given trailing shape."""
     return torch.as_tensor(x).detach().cpu().reshape(shape).tolist()
@@ -79,7 +79,7 @@ def to_coco_results(image_ids: Sequence[int],  # (B,) COCO image id of each pred
                     for b, s, l in zip(boxes_xywh, scores, labels)]
     return results
 
-# %% ../nbs/07_evaluation.ipynb #18a27066
+# %% ../nbs/07_evaluation.ipynb #c3cbad30
 def _check_results(coco_gt: COCO, results: Sequence[dict]) -> None:
     """Raise DetlearnError if results name categories or images the ground truth does not have."""
     known_cats = set(coco_gt.getCatIds())
@@ -104,7 +104,7 @@ def _load_results(coco_gt: COCO, results: Sequence[dict]) -> COCO:
     with _quiet(): coco_dt.createIndex()
     return coco_dt
 
-# %% ../nbs/07_evaluation.ipynb #9cb6c18b
+# %% ../nbs/07_evaluation.ipynb #bb8fac97
 @dataclass(repr=False)
 class EvalResult:
     """COCO box metrics: the 12 standard numbers, a per-class table and COCOeval's precision array."""
@@ -137,7 +137,7 @@ class EvalResult:
     def __repr__(self) -> str:
         return f"EvalResult(AP={self.stats['AP']:.4f}, AP50={self.stats['AP50']:.4f}, classes={len(self.per_class)})"
 
-# %% ../nbs/07_evaluation.ipynb #4d14208b
+# %% ../nbs/07_evaluation.ipynb #85d03a83
 def _class_ap(precision: np.ndarray) -> float:
     """Mean of COCO precision entries that exist (-1 marks 'no ground truth'), or -1 if none do."""
     valid = precision[precision > -1]
@@ -173,7 +173,7 @@ def evaluate_coco(coco_gt: COCO | dict | str | Path,  # ground truth (COCO objec
         coco_eval.evaluate(); coco_eval.accumulate(); coco_eval.summarize()
     return _eval_result(coco_gt, coco_eval)
 
-# %% ../nbs/07_evaluation.ipynb #ec57800a
+# %% ../nbs/07_evaluation.ipynb #a227f5f2
 class CocoEvaluator:
     """Collects detector outputs batch by batch and scores them with pycocotools' COCOeval."""
     def __init__(self, coco_gt: COCO | dict | str | Path,  # ground truth, e.g. `dataset.coco`
@@ -184,14 +184,15 @@ class CocoEvaluator:
 
     def reset(self) -> None:
         """Forget everything collected (start of a new validation pass)."""
-        self.image_ids: list[int] = []
+        self.image_ids: list[int] = []  # in the order seen, each once
         self.results: list[dict] = []
+        self._seen: set[int] = set()  # = set(image_ids), kept to make `update` O(batch)
 
     def update(self, image_ids: Sequence[int], predictions: Sequence[dict]) -> None:
         """Add one batch of postprocess outputs; an image already seen is ignored (sampler padding)."""
-        seen = set(self.image_ids)
-        new = [(int(i), p) for i, p in zip(image_ids, predictions) if int(i) not in seen]
+        new = [(int(i), p) for i, p in zip(image_ids, predictions) if int(i) not in self._seen]
         self.image_ids += [i for i, _ in new]
+        self._seen.update(i for i, _ in new)
         self.results += to_coco_results([i for i, _ in new], [p for _, p in new], self.cat_ids)
 
     def state(self) -> dict:
@@ -202,9 +203,10 @@ class CocoEvaluator:
         """Replace the collected work by the union of several `state()`s, each image counted once."""
         self.reset()
         for state in states:
-            new = set(state['image_ids']) - set(self.image_ids)
+            new = set(state['image_ids']) - self._seen
             self.image_ids += [i for i in state['image_ids'] if i in new]
             self.results += [r for r in state['results'] if r['image_id'] in new]
+            self._seen |= new
 
     def synchronize(self) -> None:
         """Gather every process's work into every process (no-op without torch.distributed)."""
@@ -218,7 +220,7 @@ class CocoEvaluator:
         """Score what was collected, on the images seen (all ground-truth images if none)."""
         return evaluate_coco(self.coco_gt, self.results, img_ids=self.image_ids or None)
 
-# %% ../nbs/07_evaluation.ipynb #e1fcb070
+# %% ../nbs/07_evaluation.ipynb #ab2ad894
 @dataclass
 class PRCurves:
     """COCO's interpolated precision-recall curves of each class at one IoU threshold."""
@@ -249,7 +251,7 @@ def plot_pr_curves(curves: PRCurves, ax=None):
     ax.legend(fontsize=8, loc='lower left')
     return ax
 
-# %% ../nbs/07_evaluation.ipynb #6ccbf501
+# %% ../nbs/07_evaluation.ipynb #412b6012
 @dataclass
 class ConfusionMatrix:
     """Detection confusion matrix: rows ground-truth classes + background, columns predicted + background."""
@@ -270,7 +272,7 @@ def _match_pairs(gt_xyxy: torch.Tensor, gt_cls: np.ndarray, dt_xyxy: torch.Tenso
             pairs.append((int(g[i]), int(d[i]))); used_g.add(g[i]); used_d.add(d[i])
     return pairs
 
-# %% ../nbs/07_evaluation.ipynb #fd83da67
+# %% ../nbs/07_evaluation.ipynb #6f08adf7
 def _boxes_and_classes(anns: Sequence[dict], index: dict) -> tuple[torch.Tensor, np.ndarray]:
     """(N, 4) xyxy boxes and (N,) class indices of COCO-style dicts (annotations or results)."""
     boxes = torch.tensor([a['bbox'] for a in anns], dtype=torch.float64).reshape(-1, 4)
@@ -300,7 +302,7 @@ def confusion_matrix(coco_gt: COCO | dict | str | Path,  # ground truth
         np.add.at(matrix, (K, np.delete(dt_cls, [d for _, d in pairs])), 1)  # false alarms
     return ConfusionMatrix(matrix, [coco_gt.cats[c]['name'] for c in cat_ids], score_threshold, iou_threshold)
 
-# %% ../nbs/07_evaluation.ipynb #cb3b7d2b
+# %% ../nbs/07_evaluation.ipynb #3083bf93
 def plot_confusion_matrix(cm: ConfusionMatrix, normalize: bool = True, ax=None):
     """Draw the matrix (rows normalised to 1 if `normalize`: where each true class went); returns the axes."""
     import matplotlib.pyplot as plt
