@@ -7,9 +7,9 @@ __all__ = ['SHAPE_OUTLINES', 'SHAPE_CATEGORY_IDS', 'SAMPLE_DATASETS', 'ShapesCon
            'points_in_polygon', 'shape_mask', 'mask_to_box', 'make_background', 'draw_clutter', 'place_shapes',
            'render_scene', 'make_shapes_image', 'generate_shapes', 'sample_dataset']
 
-# %% ../../nbs/06_data_samples.ipynb #5490c9fb
+# %% ../../nbs/06_data_samples.ipynb #eedf12f5
 import json
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, asdict
 from pathlib import Path
 
 import cv2
@@ -18,7 +18,7 @@ from PIL import Image
 
 from ..utils import DetlearnError, resource_dir
 
-# %% ../../nbs/06_data_samples.ipynb #60240fbf
+# %% ../../nbs/06_data_samples.ipynb #c2e80b63
 def _regular(n: int, radius: float = 1.0, phase: float = -np.pi / 2) -> np.ndarray:
     """Vertices (n, 2) of a regular n-gon of the given radius, the first vertex pointing up."""
     a = phase + 2 * np.pi * np.arange(n) / n
@@ -41,7 +41,7 @@ SHAPE_OUTLINES = {  # kind -> list of unit polygons, the first filled, the rest 
 }
 SHAPE_CATEGORY_IDS = {'circle': 1, 'square': 3, 'triangle': 5, 'star': 7, 'ring': 9, 'cross': 11}  # not contiguous on purpose
 
-# %% ../../nbs/06_data_samples.ipynb #26d0809a
+# %% ../../nbs/06_data_samples.ipynb #113ecdbd
 @dataclass
 class ShapesConfig:
     """Difficulty knobs of the synthetic shapes dataset (the defaults are the easy bundled split)."""
@@ -64,7 +64,7 @@ class ShapesConfig:
             raise DetlearnError(f"ShapesConfig.classes has unknown or no shape kinds {unknown}; "
                                 f"choose from {sorted(SHAPE_OUTLINES)}.")
 
-# %% ../../nbs/06_data_samples.ipynb #d9fe88dd
+# %% ../../nbs/06_data_samples.ipynb #68e5ee2d
 @dataclass
 class ShapeSpec:
     """One shape instance: its kind, centre (x, y) in pixels, radius in pixels, aspect, angle (degrees) and RGB colour."""
@@ -111,7 +111,7 @@ def mask_to_box(mask: np.ndarray) -> np.ndarray:
     ys, xs = np.nonzero(mask)
     return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
 
-# %% ../../nbs/06_data_samples.ipynb #a5cc404b
+# %% ../../nbs/06_data_samples.ipynb #e3618a05
 def _random_color(rng: np.random.Generator) -> np.ndarray:
     """A saturated random RGB colour (3,) float, via HSV."""
     hsv = np.uint8([[[rng.integers(0, 180), rng.integers(150, 256), rng.integers(110, 256)]]])
@@ -153,7 +153,7 @@ def draw_clutter(rng: np.random.Generator, image: np.ndarray, n: int) -> np.ndar
             cv2.fillPoly(image, [pts], color)
     return image
 
-# %% ../../nbs/06_data_samples.ipynb #54aaef98
+# %% ../../nbs/06_data_samples.ipynb #0582f730
 def _sample_spec(rng: np.random.Generator, size_hw: tuple, cfg: ShapesConfig) -> ShapeSpec:
     """One random shape that fits inside the image (colour filled in later)."""
     h, w = size_hw
@@ -194,7 +194,7 @@ def render_scene(background: np.ndarray, specs: list, masks: list) -> np.ndarray
         image[mask] = spec.color
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
-# %% ../../nbs/06_data_samples.ipynb #653f9642
+# %% ../../nbs/06_data_samples.ipynb #703a9703
 def _visible_masks(full: list) -> list:
     """Each shape's visible pixels: its mask minus the masks of later shapes."""
     out = []
@@ -219,7 +219,7 @@ def make_shapes_image(seed: int, index: int, img_size: int = 256, cfg: ShapesCon
                      'area': int(vis.sum()), 'iscrowd': 0})
     return image, anns
 
-# %% ../../nbs/06_data_samples.ipynb #a104f3b6
+# %% ../../nbs/06_data_samples.ipynb #c02a8986
 def _coco_categories(classes: tuple) -> list:
     """COCO `categories` entries for the given shape kinds, keeping their fixed non-contiguous ids."""
     return [{'id': SHAPE_CATEGORY_IDS[k], 'name': k, 'supercategory': 'shape'}
@@ -254,7 +254,7 @@ def generate_shapes(out_dir: str | Path,      # folder that receives <split>/ an
     ann_file.write_text(json.dumps(coco))
     return ann_file
 
-# %% ../../nbs/06_data_samples.ipynb #b23b0bca
+# %% ../../nbs/06_data_samples.ipynb #65178e57
 SAMPLE_DATASETS = {  # name -> {split: (annotation file, image folder)} relative to data_samples/
     'shapes': {'train': ('shapes/train.json', 'shapes/train'), 'val': ('shapes/val.json', 'shapes/val')},
     'photos': {None: ('photos/annotations.json', 'photos/images')},
