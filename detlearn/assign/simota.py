@@ -6,7 +6,7 @@
 __all__ = ['anchor_centers', 'simota_candidates', 'simota_cls_cost', 'simota_cls_cost_reference', 'dynamic_k_matching',
            'SimOTAResult', 'simota_assign']
 
-# %% ../../nbs/21_assign_simota.ipynb #44d9953b
+# %% ../../nbs/21_assign_simota.ipynb #d3a6ef0d
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..boxes import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh
 
-# %% ../../nbs/21_assign_simota.ipynb #f7f9ddbf
+# %% ../../nbs/21_assign_simota.ipynb #c29cf558
 def anchor_centers(grids: Tensor,    # (N, 2) float, (col, row) of each anchor cell
                    strides: Tensor,  # (N,) float, stride of its level, pixels
                    ) -> Tensor:      # (N, 2) pixels
@@ -43,7 +43,7 @@ def simota_candidates(gt_boxes_xyxy: Tensor,  # (G, 4) xyxy, input pixels
         prior = prior & inside
     return candidates, prior[:, candidates]
 
-# %% ../../nbs/21_assign_simota.ipynb #fd064028
+# %% ../../nbs/21_assign_simota.ipynb #5905be92
 def simota_cls_cost(cls_logits: Tensor,  # (Nc, K) class logits of the candidate anchors
                     obj_logits: Tensor,  # (Nc,) objectness logits
                     gt_labels: Tensor,   # (G,) int64, 0..K-1
@@ -64,7 +64,7 @@ def simota_cls_cost_reference(cls_logits: Tensor, obj_logits: Tensor, gt_labels:
     return F.binary_cross_entropy(q[None].expand(G, Nc, -1), onehot[:, None].expand(G, Nc, -1),
                                   reduction='none').sum(-1)
 
-# %% ../../nbs/21_assign_simota.ipynb #ed5a869b
+# %% ../../nbs/21_assign_simota.ipynb #ed7a9812
 def dynamic_k_matching(cost: Tensor,  # (G, Nc) assignment cost
                        ious: Tensor,  # (G, Nc) IoU of each candidate's predicted box with each gt
                        topk_candidates: int = 10,  # how many top IoUs estimate k
@@ -82,7 +82,7 @@ def dynamic_k_matching(cost: Tensor,  # (G, Nc) assignment cost
         matching[winner, clash] = True
     return matching
 
-# %% ../../nbs/21_assign_simota.ipynb #5c2630f1
+# %% ../../nbs/21_assign_simota.ipynb #ff7380f2
 @dataclass
 class SimOTAResult:
     """The assignment of one image: which anchors are foreground and which gt each one learns."""
@@ -99,7 +99,7 @@ def _empty_result(n: int, num_gt: int, device) -> SimOTAResult:
     return SimOTAResult(none, torch.zeros(0, dtype=torch.int64, device=device),
                         torch.zeros(0, device=device), 0, none.clone(), torch.zeros(num_gt, 0, device=device))
 
-# %% ../../nbs/21_assign_simota.ipynb #c901ab97
+# %% ../../nbs/21_assign_simota.ipynb #8692f781
 @torch.no_grad()
 def simota_assign(pred_boxes_cxcywh: Tensor,  # (N, 4) decoded boxes, input pixels
                   obj_logits: Tensor,         # (N,) objectness logits
@@ -114,7 +114,7 @@ def simota_assign(pred_boxes_cxcywh: Tensor,  # (N, 4) decoded boxes, input pixe
                   ) -> SimOTAResult:
     """SimOTA (YOLOX): assign each gt its dynamic-k lowest-cost anchors among those near its centre."""
     n, num_gt = len(grids), len(gt_boxes_xyxy)
-    with torch.autocast(pred_boxes_cxcywh.device.type, enabled=False):  # fp16 breaks the cost, see above
+    with torch.autocast(pred_boxes_cxcywh.device.type, enabled=False):  # in fp16 1e6 -> inf and 1e-8 -> 0
         gt_boxes_xyxy, grids, strides = gt_boxes_xyxy.float(), grids.float(), strides.float()
         candidates, prior = simota_candidates(gt_boxes_xyxy, grids, strides, center_radius, in_box)
         if num_gt == 0 or not candidates.any():
@@ -123,7 +123,7 @@ def simota_assign(pred_boxes_cxcywh: Tensor,  # (N, 4) decoded boxes, input pixe
         ious = box_iou(gt_boxes_xyxy, pred_xyxy)                                     # (G, Nc)
         cost = (simota_cls_cost(cls_logits[candidates], obj_logits[candidates], gt_labels)
                 + 3.0 * -torch.log(ious + 1e-8)
-                + (1e5 if in_box else 1e6) * (~prior))                              # (G, Nc)
+                + (1e5 if in_box else 1e6) * (~prior))  # (G, Nc) each version's penalty; both dwarf real costs
         matching = dynamic_k_matching(cost, ious, topk_candidates)                  # (G, Nc)
     fg_in_cand = matching.any(0)                                                     # (Nc,)
     fg_mask = candidates.clone()
