@@ -111,3 +111,24 @@ def test_confusion_matrix_hand_counted():
                          [0, 0, 1, 2],
                          [1, 0, 1, 0]])
     np.testing.assert_array_equal(cm.matrix, expected)
+
+
+
+def test_synchronize_gathers_other_ranks(monkeypatch):
+    """synchronize() = all_gather_object(state) + merge; torch.distributed is faked as rank 0 of 2."""
+    import pickle
+    import torch.distributed as dist
+    gt = _gt()
+    other = CocoEvaluator(gt, CAT_IDS)
+    other.update([2, 4, 1], _gt_predictions(gt, [2, 4, 1]))  # rank 1, repeating image 1 as sampler padding
+
+    def fake_all_gather_object(out, obj):
+        out[:] = [pickle.loads(pickle.dumps(obj)), pickle.loads(pickle.dumps(other.state()))]  # states travel pickled
+    monkeypatch.setattr(dist, 'is_initialized', lambda: True)
+    monkeypatch.setattr(dist, 'get_world_size', lambda group=None: 2)
+    monkeypatch.setattr(dist, 'all_gather_object', fake_all_gather_object)
+    ev = CocoEvaluator(gt, CAT_IDS)
+    ev.update([1, 3], _gt_predictions(gt, [1, 3]))
+    ev.synchronize()
+    assert ev.image_ids == [1, 3, 2, 4]
+    assert ev.summarize().stats['AP'] == pytest.approx(1.0, abs=1e-12)
