@@ -6,7 +6,7 @@
 __all__ = ['STRIDES', 'IN_CHANNELS', 'YOLOXConfig', 'yolox_nano', 'yolox_tiny', 'yolox_s', 'yolox_m', 'yolox_l', 'yolox_x',
            'YOLOXHead', 'make_grids', 'decode_boxes', 'YOLOX', 'yolox_postprocess']
 
-# %% ../../nbs/22_models_yolox.ipynb #ed275769
+# %% ../../nbs/22_models_yolox.ipynb #02c347a6
 import math
 from dataclasses import dataclass
 
@@ -17,7 +17,7 @@ from torch import Tensor
 from ..backbones.cspdarknet import BaseConv, DWConv, YOLOPAFPN
 from ..boxes import batched_nms, box_cxcywh_to_xyxy, clamp_boxes
 
-# %% ../../nbs/22_models_yolox.ipynb #9cc82818
+# %% ../../nbs/22_models_yolox.ipynb #ee0c9ca6
 STRIDES = (8, 16, 32)  # output strides of dark3, dark4, dark5
 IN_CHANNELS = (256, 512, 1024)  # PAFPN channels at width 1.0 (scaled by `width`)
 
@@ -61,7 +61,7 @@ def yolox_x(num_classes: int = 80) -> YOLOXConfig:
     """YOLOX-x: 99.1 M parameters, 640×640."""
     return YOLOXConfig(depth=1.33, width=1.25, num_classes=num_classes)
 
-# %% ../../nbs/22_models_yolox.ipynb #035929c0
+# %% ../../nbs/22_models_yolox.ipynb #f95cd4db
 class YOLOXHead(nn.Module):
     """Decoupled YOLOX head: per level a 1×1 stem, a cls tower and a reg tower, then cls/reg/obj 1×1 predictors."""
     def __init__(self, num_classes: int, width: float = 1.0, strides: tuple[int, ...] = STRIDES,
@@ -95,7 +95,7 @@ class YOLOXHead(nn.Module):
                                    self.cls_preds[k](cls_feat)], dim=1))
         return outs
 
-# %% ../../nbs/22_models_yolox.ipynb #a56688ca
+# %% ../../nbs/22_models_yolox.ipynb #3cc2752a
 def make_grids(sizes_hw: list[tuple[int, int]],  # (H_l, W_l) of each level
                strides: tuple[int, ...],  # s_l of each level
                device: torch.device | None = None, dtype: torch.dtype = torch.float32,
@@ -117,7 +117,7 @@ def decode_boxes(reg_raw: Tensor,  # (B, N, 4) raw t_x, t_y, t_w, t_h
     s = strides[:, None]  # (N, 1)
     return torch.cat([(reg_raw[..., :2] + grids) * s, torch.exp(reg_raw[..., 2:4]) * s], dim=-1)
 
-# %% ../../nbs/22_models_yolox.ipynb #d4a711ff
+# %% ../../nbs/22_models_yolox.ipynb #2d2de265
 class YOLOX(nn.Module):
     """YOLOX detector: YOLOPAFPN (CSPDarknet + neck) as `backbone`, the decoupled `head` (official module names)."""
     def __init__(self, cfg: YOLOXConfig):
@@ -130,11 +130,11 @@ class YOLOX(nn.Module):
         self.criterion = None  # a YOLOXCriterion (no tensors of its own: the state_dict stays the official one)
         self._grid_cache: dict = {}
 
-    def grids_and_strides(self, sizes_hw: list[tuple[int, int]], like: Tensor) -> tuple[Tensor, Tensor]:
-        """`make_grids` for these level sizes on `like`'s device and dtype, cached."""
-        key = (tuple(sizes_hw), like.device, like.dtype)
+    def grids_and_strides(self, sizes_hw: list[tuple[int, int]], device: torch.device) -> tuple[Tensor, Tensor]:
+        """`make_grids` (float32) for these level sizes on `device`, cached."""
+        key = (tuple(sizes_hw), device)
         if key not in self._grid_cache:
-            self._grid_cache = {key: make_grids(sizes_hw, STRIDES, like.device, like.dtype)}
+            self._grid_cache = {key: make_grids(sizes_hw, STRIDES, device, torch.float32)}
         return self._grid_cache[key]
 
     def forward(self, images: Tensor,  # (B, 3, H, W) letterboxed, BGR 0-255 (official weights); H, W multiples of 32
@@ -143,10 +143,10 @@ class YOLOX(nn.Module):
                ) -> dict:
         maps = self.head(self.backbone(images))  # L × (B, 5+K, H_l, W_l)
         raw = torch.cat([m.flatten(2) for m in maps], dim=2).permute(0, 2, 1)  # (B, N, 5+K)
-        grids, strides = self.grids_and_strides([tuple(m.shape[-2:]) for m in maps], raw)
-        boxes = decode_boxes(raw[..., :4], grids, strides)  # (B, N, 4) cxcywh, input pixels
+        grids, strides = self.grids_and_strides([tuple(m.shape[-2:]) for m in maps], raw.device)
+        boxes = decode_boxes(raw[..., :4].float(), grids, strides)  # (B, N, 4) cxcywh, input pixels, float32
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.training):
-            decoded = torch.cat([boxes, raw[..., 4:].sigmoid()], dim=-1)  # (B, N, 5+K)
+            decoded = torch.cat([boxes, raw[..., 4:].float().sigmoid()], dim=-1)  # (B, N, 5+K) float32
         return dict(boxes=boxes, obj_logits=raw[..., 4], cls_logits=raw[..., 5:], reg_raw=raw[..., :4],
                     grids=grids, strides=strides, decoded=decoded, input_size=tuple(images.shape[-2:]))
 
@@ -162,7 +162,7 @@ class YOLOX(nn.Module):
         """Detections in original-image pixels; see `yolox_postprocess`."""
         return yolox_postprocess(outputs['decoded'], sizes, outputs['input_size'], self.cfg.conf_thre, self.cfg.nms_thre)
 
-# %% ../../nbs/22_models_yolox.ipynb #d004f8ca
+# %% ../../nbs/22_models_yolox.ipynb #6a9ec8f4
 def yolox_postprocess(decoded: Tensor,  # (B, N, 5+K) [cx, cy, w, h, obj prob, cls probs], input pixels
                       sizes: Tensor,  # (B, 2) original (h, w) of each image
                       input_size: tuple[int, int],  # (H_in, W_in) letterbox size the network saw
