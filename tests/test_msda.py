@@ -342,3 +342,20 @@ def test_gpu_kernel_memory_not_above_reference():
         torch.cuda.synchronize()
         peaks.append(torch.cuda.max_memory_allocated() - base)
     assert peaks[0] <= peaks[1]
+
+
+@needs_cupy
+def test_dispatcher_falls_back_once_with_a_notice_when_the_kernel_cannot_compile(monkeypatch):
+    from detlearn.ops import msda
+    value = torch.zeros(1, 4, 1, 4)
+    monkeypatch.setattr(msda, '_announced', set())
+    monkeypatch.setattr(mc, 'compile_kernels', lambda device, dtype: None)
+    assert msda._kernel_or_none(value) is mc.ms_deform_attn_cupy
+
+    def broken(device, dtype): raise RuntimeError('nvrtc: libnvrtc.so not found')
+    monkeypatch.setattr(mc, 'compile_kernels', broken)
+    with pytest.warns(UserWarning, match='could not be compiled.*libnvrtc'):
+        assert msda._kernel_or_none(value) is None
+    calls = []
+    monkeypatch.setattr(mc, 'compile_kernels', lambda device, dtype: calls.append(1))
+    assert msda._kernel_or_none(value) is None and not calls   # remembered: no retry, no second notice
