@@ -6,7 +6,7 @@
 __all__ = ['class_color', 'to_numpy', 'to_display_image', 'pixel_figure', 'figure_to_array', 'figure_to_png', 'draw_detections',
            'image_grid', 'save_detections', 'render_browser_view', 'DatasetBrowser']
 
-# %% ../nbs/08_viz.ipynb #82ee9e99
+# %% ../nbs/08_viz.ipynb #02db45d6
 import colorsys
 import io
 from pathlib import Path
@@ -18,7 +18,7 @@ from matplotlib.patches import Rectangle
 
 from .utils import DetlearnError
 
-# %% ../nbs/08_viz.ipynb #22ce7731
+# %% ../nbs/08_viz.ipynb #ffa7334d
 _TAB10 = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2', '#7f7f7f', '#bcbd22', '#17becf']
 
 def class_color(label: int) -> str:
@@ -42,7 +42,7 @@ def to_display_image(image) -> np.ndarray:
     if image.ndim == 2 or image.shape[-1] == 1: image = np.repeat(image.reshape(*image.shape[:2], 1), 3, 2)
     return image
 
-# %% ../nbs/08_viz.ipynb #46c9161c
+# %% ../nbs/08_viz.ipynb #edc57bc4
 def pixel_figure(image: np.ndarray,    # (H, W, 3) uint8
                  scale: float = 1.0,   # figure pixels per image pixel
                  dpi: int = 100,
@@ -67,7 +67,7 @@ def figure_to_png(fig: Figure) -> bytes:
     fig.savefig(buffer, format='png', dpi=fig.dpi)
     return buffer.getvalue()
 
-# %% ../nbs/08_viz.ipynb #0f10daa6
+# %% ../nbs/08_viz.ipynb #16feffef
 def _box_color(color_by: str, label: int, index: int) -> str:
     """The colour of one box under the `color_by` rule."""
     if color_by == 'label': return class_color(label)
@@ -114,7 +114,7 @@ def draw_detections(image,                    # (H, W, 3) uint8 or (3, H, W) flo
                 va=va, ha='left', clip_on=True, bbox=dict(facecolor=color, edgecolor='none', pad=1, alpha=0.8))
     return ax
 
-# %% ../nbs/08_viz.ipynb #512a6ab8
+# %% ../nbs/08_viz.ipynb #c54b508a
 def image_grid(items,                    # iterable of (image, target): target has boxes, labels, optional scores
                ncols: int = 4,
                class_names=None,
@@ -151,7 +151,7 @@ def save_detections(path: str | Path,        # .png or .jpg
     fig.savefig(path, dpi=fig.dpi)
     return path
 
-# %% ../nbs/08_viz.ipynb #42dbdeb0
+# %% ../nbs/08_viz.ipynb #7ab41824
 def render_browser_view(image,                # (H, W, 3) uint8 or (3, H, W) float
                         target: dict,         # boxes, labels: the ground truth
                         prediction: dict | None,  # boxes, scores, labels, or None
@@ -175,7 +175,7 @@ def render_browser_view(image,                # (H, W, 3) uint8 or (3, H, W) flo
         n_pred = int((to_numpy(prediction['scores']) >= score_threshold).sum())
     return figure_to_png(fig), n_gt, n_pred
 
-# %% ../nbs/08_viz.ipynb #967aada2
+# %% ../nbs/08_viz.ipynb #089e2370
 class DatasetBrowser:
     """Step through a detection dataset in Jupyter, showing ground truth and predictions (ipywidgets)."""
     def __init__(self, dataset,                 # len() and [i] -> (image, target) with boxes, labels, image_id
