@@ -6,7 +6,7 @@
 __all__ = ['STAT_NAMES', 'load_coco_gt', 'to_coco_results', 'EvalResult', 'evaluate_coco', 'CocoEvaluator', 'PRCurves',
            'pr_curves', 'plot_pr_curves', 'ConfusionMatrix', 'confusion_matrix', 'plot_confusion_matrix']
 
-# %% ../nbs/07_evaluation.ipynb #1e47236e
+# %% ../nbs/07_evaluation.ipynb #685083b6
 import contextlib
 import io
 import json
@@ -22,9 +22,10 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from .boxes import box_iou, box_xywh_to_xyxy, box_xyxy_to_xywh
+from .data.coco import load_coco_json
 from .utils import DetlearnError
 
-# %% ../nbs/07_evaluation.ipynb #27320c68
+# %% ../nbs/07_evaluation.ipynb #bf24cbe7
 STAT_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl')
 
 def _quiet():
@@ -40,10 +41,7 @@ def load_coco_gt(coco_gt: COCO | dict | str | Path,  # a COCO object, an annotat
                 ) -> COCO:
     """Ground truth as a pycocotools `COCO` object (built quietly; a `COCO` passes through)."""
     if isinstance(coco_gt, COCO): return coco_gt
-    if isinstance(coco_gt, (str, Path)):
-        if not Path(coco_gt).is_file():
-            raise DetlearnError(f"COCO annotation file {coco_gt} does not exist.")
-        coco_gt = json.loads(Path(coco_gt).read_text())
+    if isinstance(coco_gt, (str, Path)): coco_gt = load_coco_json(coco_gt)  # the data layer's checks and messages
     if not isinstance(coco_gt, dict) or 'images' not in coco_gt or 'categories' not in coco_gt:
         raise DetlearnError("Ground truth must be a COCO object, or a dict / JSON file with "
                             "'images', 'annotations' and 'categories'.")
@@ -52,7 +50,7 @@ def load_coco_gt(coco_gt: COCO | dict | str | Path,  # a COCO object, an annotat
     with _quiet(): coco.createIndex()
     return coco
 
-# %% ../nbs/07_evaluation.ipynb #2388e1bf
+# %% ../nbs/07_evaluation.ipynb #8ed48824
 def _as_list(x, shape: tuple) -> list:
     """A tensor / array / list as a plain (nested) Python list of the given trailing shape."""
     return torch.as_tensor(x).detach().cpu().reshape(shape).tolist()
@@ -79,7 +77,7 @@ def to_coco_results(image_ids: Sequence[int],  # (B,) COCO image id of each pred
                     for b, s, l in zip(boxes_xywh, scores, labels)]
     return results
 
-# %% ../nbs/07_evaluation.ipynb #c3cbad30
+# %% ../nbs/07_evaluation.ipynb #c7d16bf7
 def _check_results(coco_gt: COCO, results: Sequence[dict]) -> None:
     """Raise DetlearnError if results name categories or images the ground truth does not have."""
     known_cats = set(coco_gt.getCatIds())
@@ -104,7 +102,7 @@ def _load_results(coco_gt: COCO, results: Sequence[dict]) -> COCO:
     with _quiet(): coco_dt.createIndex()
     return coco_dt
 
-# %% ../nbs/07_evaluation.ipynb #bb8fac97
+# %% ../nbs/07_evaluation.ipynb #4c8f3ab9
 @dataclass(repr=False)
 class EvalResult:
     """COCO box metrics: the 12 standard numbers, a per-class table and COCOeval's precision array."""
@@ -137,7 +135,7 @@ class EvalResult:
     def __repr__(self) -> str:
         return f"EvalResult(AP={self.stats['AP']:.4f}, AP50={self.stats['AP50']:.4f}, classes={len(self.per_class)})"
 
-# %% ../nbs/07_evaluation.ipynb #85d03a83
+# %% ../nbs/07_evaluation.ipynb #f1fe82e2
 def _class_ap(precision: np.ndarray) -> float:
     """Mean of COCO precision entries that exist (-1 marks 'no ground truth'), or -1 if none do."""
     valid = precision[precision > -1]
@@ -173,7 +171,7 @@ def evaluate_coco(coco_gt: COCO | dict | str | Path,  # ground truth (COCO objec
         coco_eval.evaluate(); coco_eval.accumulate(); coco_eval.summarize()
     return _eval_result(coco_gt, coco_eval)
 
-# %% ../nbs/07_evaluation.ipynb #a227f5f2
+# %% ../nbs/07_evaluation.ipynb #f82cfe07
 class CocoEvaluator:
     """Collects detector outputs batch by batch and scores them with pycocotools' COCOeval."""
     def __init__(self, coco_gt: COCO | dict | str | Path,  # ground truth, e.g. `dataset.coco`
@@ -220,7 +218,7 @@ class CocoEvaluator:
         """Score what was collected, on the images seen (all ground-truth images if none)."""
         return evaluate_coco(self.coco_gt, self.results, img_ids=self.image_ids or None)
 
-# %% ../nbs/07_evaluation.ipynb #ab2ad894
+# %% ../nbs/07_evaluation.ipynb #047cf95a
 @dataclass
 class PRCurves:
     """COCO's interpolated precision-recall curves of each class at one IoU threshold."""
@@ -251,7 +249,7 @@ def plot_pr_curves(curves: PRCurves, ax=None):
     ax.legend(fontsize=8, loc='lower left')
     return ax
 
-# %% ../nbs/07_evaluation.ipynb #412b6012
+# %% ../nbs/07_evaluation.ipynb #94baf94d
 @dataclass
 class ConfusionMatrix:
     """Detection confusion matrix: rows ground-truth classes + background, columns predicted + background."""
@@ -272,7 +270,7 @@ def _match_pairs(gt_xyxy: torch.Tensor, gt_cls: np.ndarray, dt_xyxy: torch.Tenso
             pairs.append((int(g[i]), int(d[i]))); used_g.add(g[i]); used_d.add(d[i])
     return pairs
 
-# %% ../nbs/07_evaluation.ipynb #6f08adf7
+# %% ../nbs/07_evaluation.ipynb #c1d2689b
 def _boxes_and_classes(anns: Sequence[dict], index: dict) -> tuple[torch.Tensor, np.ndarray]:
     """(N, 4) xyxy boxes and (N,) class indices of COCO-style dicts (annotations or results)."""
     boxes = torch.tensor([a['bbox'] for a in anns], dtype=torch.float64).reshape(-1, 4)
@@ -302,7 +300,7 @@ def confusion_matrix(coco_gt: COCO | dict | str | Path,  # ground truth
         np.add.at(matrix, (K, np.delete(dt_cls, [d for _, d in pairs])), 1)  # false alarms
     return ConfusionMatrix(matrix, [coco_gt.cats[c]['name'] for c in cat_ids], score_threshold, iou_threshold)
 
-# %% ../nbs/07_evaluation.ipynb #3083bf93
+# %% ../nbs/07_evaluation.ipynb #76a1fb9a
 def plot_confusion_matrix(cm: ConfusionMatrix, normalize: bool = True, ax=None):
     """Draw the matrix (rows normalised to 1 if `normalize`: where each true class went); returns the axes."""
     import matplotlib.pyplot as plt
