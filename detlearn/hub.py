@@ -6,7 +6,7 @@
 __all__ = ['logger', 'CLASS_SPECIFIC_PREFIXES', 'official_to_detlearn', 'detlearn_to_official', 'read_official_checkpoint',
            'load_official_state_dict', 'load_official', 'official_preprocess']
 
-# %% ../nbs/25_hub.ipynb #4bbabb75
+# %% ../nbs/25_hub.ipynb #8ee57936
 import logging
 import pickle
 from pathlib import Path
@@ -22,7 +22,7 @@ from .utils import DetlearnError
 
 logger = logging.getLogger(__name__)
 
-# %% ../nbs/25_hub.ipynb #ffd3d869
+# %% ../nbs/25_hub.ipynb #1e816b41
 CLASS_SPECIFIC_PREFIXES = ('head.cls_preds.',)  # the only tensors whose shape depends on num_classes
 
 
@@ -35,7 +35,7 @@ def detlearn_to_official(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """detlearn YOLOX tensor names -> official names (the identity; the inverse of `official_to_detlearn`)."""
     return dict(state_dict)
 
-# %% ../nbs/25_hub.ipynb #09beca1b
+# %% ../nbs/25_hub.ipynb #33cbed14
 def read_official_checkpoint(path: str | Path,  # an official YOLOX .pth (or a bare state_dict file)
                             ) -> dict[str, Tensor]:  # the weights, official names
     """The weights of an official YOLOX checkpoint (`ckpt['model']`), read with `torch.load(weights_only=True)`."""
@@ -53,7 +53,7 @@ def read_official_checkpoint(path: str | Path,  # an official YOLOX .pth (or a b
     raise DetlearnError(f"{path} is not an official YOLOX checkpoint: expected a dict with a 'model' state_dict "
                         f"(or a bare state_dict), found {keys}")
 
-# %% ../nbs/25_hub.ipynb #6511ce21
+# %% ../nbs/25_hub.ipynb #70c64469
 def _listing(names: list[str], limit: int = 12) -> str:
     """'a, b, c (+N more)' for error messages."""
     return ', '.join(names[:limit]) + (f' (+{len(names) - limit} more)' if len(names) > limit else '')
@@ -77,7 +77,7 @@ def load_official_state_dict(model: nn.Module, official_state_dict: dict[str, Te
     model.load_state_dict({k: v for k, v in sd.items() if k not in skipped}, strict=False)
     return skipped
 
-# %% ../nbs/25_hub.ipynb #22668e5e
+# %% ../nbs/25_hub.ipynb #d3722877
 def load_official(name: str,  # detlearn preset, e.g. 'yolox_s' for yolox_s.pth
                   path: str | Path,  # the official checkpoint file
                   num_classes: int | None = None,  # None: the checkpoint's; otherwise cls_preds are re-initialised
@@ -93,7 +93,7 @@ def load_official(name: str,  # detlearn preset, e.g. 'yolox_s' for yolox_s.pth
                        Path(path).name, len(skipped), model.cfg.num_classes, ckpt_classes, ', '.join(skipped))
     return model.eval()
 
-# %% ../nbs/25_hub.ipynb #c543013e
+# %% ../nbs/25_hub.ipynb #6dc45713
 def official_preprocess(image: np.ndarray,  # (h, w, 3) uint8
                         test_size: int | tuple[int, int],  # S or (S_h, S_w), e.g. model.cfg.test_size
                         legacy: bool = False,  # 0.1.0 weights: RGB, /255, ImageNet mean/std
