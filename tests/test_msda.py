@@ -106,6 +106,8 @@ def test_bad_inputs_have_clear_messages():
         ms_deform_attn(value, shapes[:1], starts[:1], locs, weights)
     with pytest.raises(DetlearnError, match='value has B=1, H=4 but sampling_locations has B=1, H=2'):
         ms_deform_attn(value.repeat(1, 1, 2, 1), shapes, starts, locs, weights)
+    with pytest.raises(DetlearnError, match=r'S=39 tokens but spatial_shapes \[\(6, 5\), \(3, 4\)\] add up to 42'):
+        ms_deform_attn(value, [(6, 5), (3, 4)], starts, locs, weights)
     with pytest.raises(DetlearnError, match='kind must be'):
         random_msda_inputs(1, 1, 1, 1, [(1, 1)], kind='nope')
 
