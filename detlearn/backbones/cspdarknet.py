@@ -6,12 +6,12 @@
 __all__ = ['BN_EPS', 'BN_MOMENTUM', 'get_activation', 'BaseConv', 'DWConv', 'space_to_depth', 'Focus', 'Bottleneck', 'CSPLayer',
            'SPPBottleneck', 'CSPDarknet', 'YOLOPAFPN']
 
-# %% ../../nbs/20_backbones_cspdarknet.ipynb #dd030d4c
+# %% ../../nbs/20_backbones_cspdarknet.ipynb #d229e5a0
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-# %% ../../nbs/20_backbones_cspdarknet.ipynb #1b8af1d1
+# %% ../../nbs/20_backbones_cspdarknet.ipynb #5d247222
 BN_EPS, BN_MOMENTUM = 1e-3, 0.03  # YOLOX's init_yolo values; eps is not saved in checkpoints
 
 
@@ -47,7 +47,7 @@ class DWConv(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor: return self.pconv(self.dconv(x))
 
-# %% ../../nbs/20_backbones_cspdarknet.ipynb #dfc94989
+# %% ../../nbs/20_backbones_cspdarknet.ipynb #ea6799f5
 def space_to_depth(x: Tensor,  # (B, C, H, W), H and W even
                   ) -> Tensor:  # (B, 4C, H/2, W/2)
     """Stack the four pixel phases as channels, in YOLOX's order: (even,even), (odd,even), (even,odd), (odd,odd) as (row,col)."""
@@ -63,7 +63,7 @@ class Focus(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, C_out, H/2, W/2)
         return self.conv(space_to_depth(x))
 
-# %% ../../nbs/20_backbones_cspdarknet.ipynb #154a9923
+# %% ../../nbs/20_backbones_cspdarknet.ipynb #05e20ca1
 class Bottleneck(nn.Module):
     """1×1 conv to `expansion`·C_out, 3×3 conv to C_out, plus the input when `shortcut` and C_in == C_out."""
     def __init__(self, in_channels: int, out_channels: int, shortcut: bool = True, expansion: float = 0.5,
@@ -109,7 +109,7 @@ class SPPBottleneck(nn.Module):
         x = self.conv1(x)
         return self.conv2(torch.cat([x] + [pool(x) for pool in self.m], dim=1))  # (B, 4·C/2, H, W) -> (B, C_out, H, W)
 
-# %% ../../nbs/20_backbones_cspdarknet.ipynb #95dc3484
+# %% ../../nbs/20_backbones_cspdarknet.ipynb #67a2da42
 class CSPDarknet(nn.Module):
     """CSPDarknet-53 with width/depth multipliers; forward returns {'dark3','dark4','dark5'} at strides 8, 16, 32."""
     def __init__(self, dep_mul: float, wid_mul: float, out_features: tuple[str, ...] = ('dark3', 'dark4', 'dark5'),
@@ -133,7 +133,7 @@ class CSPDarknet(nn.Module):
             outputs[name] = x
         return {k: v for k, v in outputs.items() if k in self.out_features}
 
-# %% ../../nbs/20_backbones_cspdarknet.ipynb #f38d47cd
+# %% ../../nbs/20_backbones_cspdarknet.ipynb #faa99e47
 class YOLOPAFPN(nn.Module):
     """CSPDarknet + PAFPN neck: (B,3,H,W) -> (N3, N4, N5) at strides 8, 16, 32 with channels w·(256, 512, 1024)."""
     def __init__(self, depth: float = 1.0, width: float = 1.0, in_channels: tuple[int, int, int] = (256, 512, 1024),
