@@ -6,7 +6,7 @@
 __all__ = ['MAX_DOWNLOAD_BYTES', 'download_image', 'read_image', 'eval_transforms_for', 'coco_class_names', 'load_model',
            'DetectionPipeline', 'pipeline']
 
-# %% ../nbs/52_pipeline.ipynb #f7c4c6b0
+# %% ../nbs/52_pipeline.ipynb #4e77268a
 import io
 import json
 import urllib.error
@@ -22,7 +22,7 @@ from torch import nn
 from .data.coco import collate_detection, load_image, pil_to_rgb
 from .utils import DetlearnError
 
-# %% ../nbs/52_pipeline.ipynb #2e7cd43c
+# %% ../nbs/52_pipeline.ipynb #fc289ccb
 MAX_DOWNLOAD_BYTES = 50 * 2**20  # 50 MiB: far above any photo, small enough to refuse a video or an archive
 
 def download_image(url: str,  # http(s) URL of an image file
@@ -45,7 +45,7 @@ def download_image(url: str,  # http(s) URL of an image file
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise DetlearnError(f"{url} did not return a readable image.") from None
 
-# %% ../nbs/52_pipeline.ipynb #4c7c69b0
+# %% ../nbs/52_pipeline.ipynb #580cb00c
 def _array_to_rgb(image: np.ndarray) -> np.ndarray:
     """An (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8 array as (H, W, 3) RGB."""
     if image.dtype != np.uint8:
@@ -68,7 +68,7 @@ def read_image(image: str | Path | Image.Image | np.ndarray,  # a path, an http(
     raise DetlearnError(f"Cannot read an image from {type(image).__name__}: give a path, an http(s) URL, "
                         "a PIL image or an (H, W, 3) uint8 RGB numpy array.")
 
-# %% ../nbs/52_pipeline.ipynb #396d23d4
+# %% ../nbs/52_pipeline.ipynb #a9e787db
 def eval_transforms_for(model: nn.Module,  # a detlearn detector
                         img_size: int | None = None,  # input size; default: the model's test size
                        ):
@@ -97,7 +97,7 @@ def _empty_target(image: np.ndarray, image_id: int) -> dict:
     return {'boxes': np.zeros((0, 4), np.float32), 'labels': np.zeros((0,), np.int64),
             'image_id': image_id, 'orig_size': size, 'size': size}
 
-# %% ../nbs/52_pipeline.ipynb #8f447454
+# %% ../nbs/52_pipeline.ipynb #6d35ef43
 def coco_class_names() -> list[str]:
     """COCO's 80 class names in label order (category id order), as official checkpoints predict them."""
     from detlearn.data.samples import sample_dataset  # the photos sample carries COCO's full category list
@@ -110,7 +110,8 @@ def _from_checkpoint(ckpt: dict, preset: str | None, source: str | Path) -> tupl
     from detlearn.train_utils import checkpoint_weights
     meta, names = ckpt.get('meta') or {}, list(ckpt.get('class_names') or [])
     if 'format' in ckpt and names and (preset or meta.get('model_name')):  # written by detlearn's Trainer
-        model = create(preset or meta['model_name'], num_classes=len(names))
+        model = create(preset or meta['model_name'], num_classes=len(names),
+                       cfg_overrides=meta.get('model_overrides') or None)  # e.g. the demo's narrower YOLOX
         model.load_state_dict(checkpoint_weights(ckpt))
         return model, names, meta.get('img_size')
     if preset is None:
@@ -125,7 +126,7 @@ def _from_checkpoint(ckpt: dict, preset: str | None, source: str | Path) -> tupl
     k = model.cfg.num_classes
     return model, coco_class_names() if k == 80 else [f'class_{i}' for i in range(k)], None
 
-# %% ../nbs/52_pipeline.ipynb #c791ec01
+# %% ../nbs/52_pipeline.ipynb #c0d8c692
 def load_model(model: str | Path | nn.Module,  # preset name, detlearn checkpoint path, or a built model
                weights: str | Path | None = None,  # for a preset: a detlearn or official checkpoint file
                device: torch.device = torch.device('cpu'),
@@ -149,7 +150,7 @@ def load_model(model: str | Path | nn.Module,  # preset name, detlearn checkpoin
         raise DetlearnError(f"{model!r} is neither a checkpoint file nor a model preset ({', '.join(list_models())}).")
     return net.to(device).eval(), names, size
 
-# %% ../nbs/52_pipeline.ipynb #49ac927b
+# %% ../nbs/52_pipeline.ipynb #ded7312b
 class DetectionPipeline:
     """Image(s) in, detections (scores, class names, xyxy boxes in original pixels) out."""
     def __init__(self, model: nn.Module, class_names: Sequence[str], transforms,  # (image, target) -> (tensor, target)
@@ -189,7 +190,7 @@ class DetectionPipeline:
             results += [self._format(d, thr) for d in self.predict(images[start:start + self.batch_size])]
         return results[0] if single else results
 
-# %% ../nbs/52_pipeline.ipynb #80940252
+# %% ../nbs/52_pipeline.ipynb #e671ba04
 def pipeline(task: str,  # 'image-object-detection' (ModelScope's name) or 'object-detection'
              model: str | Path | nn.Module,  # preset name, detlearn checkpoint path, or a built model
              weights: str | Path | None = None,  # weights for a preset (detlearn or official file)
