@@ -6,7 +6,7 @@
 __all__ = ['STRIDES', 'IN_CHANNELS', 'YOLOXConfig', 'yolox_nano', 'yolox_tiny', 'yolox_s', 'yolox_m', 'yolox_l', 'yolox_x',
            'YOLOXHead', 'make_grids', 'decode_boxes', 'YOLOX', 'yolox_postprocess']
 
-# %% ../../nbs/22_models_yolox.ipynb #02c347a6
+# %% ../../nbs/22_models_yolox.ipynb #975fbbfc
 import math
 from dataclasses import dataclass
 
@@ -17,7 +17,7 @@ from torch import Tensor
 from ..backbones.cspdarknet import BaseConv, DWConv, YOLOPAFPN
 from ..boxes import batched_nms, box_cxcywh_to_xyxy, clamp_boxes
 
-# %% ../../nbs/22_models_yolox.ipynb #ee0c9ca6
+# %% ../../nbs/22_models_yolox.ipynb #7db25d5f
 STRIDES = (8, 16, 32)  # output strides of dark3, dark4, dark5
 IN_CHANNELS = (256, 512, 1024)  # PAFPN channels at width 1.0 (scaled by `width`)
 
@@ -61,7 +61,7 @@ def yolox_x(num_classes: int = 80) -> YOLOXConfig:
     """YOLOX-x: 99.1 M parameters, 640×640."""
     return YOLOXConfig(depth=1.33, width=1.25, num_classes=num_classes)
 
-# %% ../../nbs/22_models_yolox.ipynb #f95cd4db
+# %% ../../nbs/22_models_yolox.ipynb #35200862
 class YOLOXHead(nn.Module):
     """Decoupled YOLOX head: per level a 1×1 stem, a cls tower and a reg tower, then cls/reg/obj 1×1 predictors."""
     def __init__(self, num_classes: int, width: float = 1.0, strides: tuple[int, ...] = STRIDES,
@@ -95,7 +95,7 @@ class YOLOXHead(nn.Module):
                                    self.cls_preds[k](cls_feat)], dim=1))
         return outs
 
-# %% ../../nbs/22_models_yolox.ipynb #3cc2752a
+# %% ../../nbs/22_models_yolox.ipynb #6e8f2a76
 def make_grids(sizes_hw: list[tuple[int, int]],  # (H_l, W_l) of each level
                strides: tuple[int, ...],  # s_l of each level
                device: torch.device | None = None, dtype: torch.dtype = torch.float32,
@@ -117,7 +117,7 @@ def decode_boxes(reg_raw: Tensor,  # (B, N, 4) raw t_x, t_y, t_w, t_h
     s = strides[:, None]  # (N, 1)
     return torch.cat([(reg_raw[..., :2] + grids) * s, torch.exp(reg_raw[..., 2:4]) * s], dim=-1)
 
-# %% ../../nbs/22_models_yolox.ipynb #2d2de265
+# %% ../../nbs/22_models_yolox.ipynb #06f7c95f
 class YOLOX(nn.Module):
     """YOLOX detector: YOLOPAFPN (CSPDarknet + neck) as `backbone`, the decoupled `head` (official module names)."""
     def __init__(self, cfg: YOLOXConfig):
@@ -162,7 +162,7 @@ class YOLOX(nn.Module):
         """Detections in original-image pixels; see `yolox_postprocess`."""
         return yolox_postprocess(outputs['decoded'], sizes, outputs['input_size'], self.cfg.conf_thre, self.cfg.nms_thre)
 
-# %% ../../nbs/22_models_yolox.ipynb #6a9ec8f4
+# %% ../../nbs/22_models_yolox.ipynb #5928c8ba
 def yolox_postprocess(decoded: Tensor,  # (B, N, 5+K) [cx, cy, w, h, obj prob, cls probs], input pixels
                       sizes: Tensor,  # (B, 2) original (h, w) of each image
                       input_size: tuple[int, int],  # (H_in, W_in) letterbox size the network saw
