@@ -138,7 +138,7 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path):
 
 # ------------------------------------------------------------------ NVRTC compilation (CPU, always)
 @needs_cupy
-@pytest.mark.parametrize('arch', ['compute_75', 'compute_90'])
+@pytest.mark.parametrize('arch', ['compute_75', 'compute_80', 'compute_90'])
 def test_every_kernel_compiles_with_nvrtc(arch):
     lowered = mc.nvrtc_compile_check(arch)
     assert set(lowered) == set(mc.kernel_names())
@@ -147,6 +147,23 @@ def test_every_kernel_compiles_with_nvrtc(arch):
                      f'msda_backward<{dt}, {mc.VECTOR_WIDTH[dt]}, false>', f'msda_backward<{dt}, 1, true>',
                      f'msda_fixed_to_value<{dt}>'):
             assert lowered[name].startswith('_Z')
+
+
+@needs_cupy
+@pytest.mark.parametrize('arch', ['compute_75', 'compute_80', 'compute_90'])
+def test_ptx_keeps_the_design_promises(arch):
+    """In the PTX: no fp16/bf16 arithmetic (sm_75 has no bf16 ALU), 16-byte loads, vector atomics only on sm_90."""
+    import re
+    from cupy.cuda import nvrtc
+    prog = nvrtc.createProgram(mc.kernel_source(), mc.KERNEL_FILE, [], [])
+    for name in mc.kernel_names(): nvrtc.addNameExpression(prog, name)
+    nvrtc.compileProgram(prog, [f'-arch={arch}', *mc.COMPILE_OPTIONS])
+    ptx = nvrtc.getPTX(prog).decode()
+    nvrtc.destroyProgram(prog)
+    assert not re.search(r'\b(add|sub|mul|fma|neg|min|max)(\.[a-z0-9]+)*\.(bf16|f16)(x2)?\b', ptx)
+    assert 'cvt.f32.f16' in ptx and 'ld.global.nc.v4.u32' in ptx and 'shfl.sync.bfly' in ptx
+    assert 'atom.global.add.u64' in ptx or 'red.global.add.u64' in ptx          # deterministic fixed point
+    assert ('add.v4.f32' in ptx) == (arch == 'compute_90')
 
 
 @needs_cupy
