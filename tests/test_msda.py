@@ -129,7 +129,7 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path):
 
     value, _, _, locs, weights = random_msda_inputs(1, 4, 2, 8, levels, kind='dino')
     path = tmp_path / 'msda.onnx'
-    torch.onnx.export(Attn(), (value, locs, weights), str(path), opset_version=18, dynamo=True)
+    torch.onnx.export(Attn().eval(), (value, locs, weights), str(path), opset_version=18, dynamo=True)
     session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
     names = [i.name for i in session.get_inputs()]
     (got,) = session.run(None, dict(zip(names, [value.numpy(), locs.numpy(), weights.numpy()])))
