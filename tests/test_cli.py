@@ -1,0 +1,101 @@
+"""`detlearn` in a subprocess on the shapes sample: train, resume, eval --json, predict (original category ids),
+data check on a broken dataset, and one-line errors. Tiny sizes: the whole file takes well under 2 minutes."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = ROOT / 'data_samples' / 'shapes'
+
+
+def detlearn(*args, cwd, ok=True):
+    env = os.environ | {'OMP_NUM_THREADS': '1'}
+    r = subprocess.run([sys.executable, '-m', 'detlearn.cli', *map(str, args)], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=300)
+    if ok: assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+    """One tiny training run (1 epoch of 2 planned, 64 px) shared by the tests below."""
+    d = tmp_path_factory.mktemp('cli')
+    r = detlearn('train', '--recipe', 'shapes_demo', '--train-ann', SHAPES / 'train.json', '--train-images', SHAPES / 'train',
+                 '--val-ann', SHAPES / 'val.json', '--val-images', SHAPES / 'val', '--epochs', 2, '--img-size', 64,
+                 '--batch-size', 16, '--workers', 0, '--work-dir', 'run', '--no-progress', 'loop.eval_every=1', cwd=d)
+    return d, r
+
+
+def test_train_writes_checkpoints_and_table(run):
+    d, r = run
+    assert {'last.pth', 'best.pth', 'metrics.csv'} <= {p.name for p in (d / 'run').iterdir()}
+    assert 'circle' in r.stdout and 'AP50' in r.stdout  # the per-class table
+    ck = torch.load(d / 'run' / 'last.pth', weights_only=True)
+    assert ck['epoch'] == 2 and ck['cat_ids'] == [1, 3, 5, 7] and ck['meta']['img_size'] == 64
+
+
+def test_resume_continues(run):
+    d, _ = run
+    shutil.copytree(d / 'run', d / 'run2')
+    r = detlearn('train', '--recipe', 'shapes_demo', '--train-ann', SHAPES / 'train.json', '--train-images', SHAPES / 'train',
+                 '--epochs', 3, '--img-size', 64, '--batch-size', 16, '--workers', 0, '--work-dir', 'run2',
+                 '--no-progress', '-r', 'run2/last.pth', cwd=d)
+    ck = torch.load(d / 'run2' / 'last.pth', weights_only=True)
+    assert ck['epoch'] == 3 and len(ck['history']) == 3 and ck['step'] == 3 * 15  # 240 images / 16
+
+
+def test_eval_json(run):
+    d, _ = run
+    detlearn('eval', '--checkpoint', 'run/last.pth', '--ann', SHAPES / 'val.json', '--images', SHAPES / 'val',
+             '--json', 'eval.json', cwd=d)
+    stats = json.loads((d / 'eval.json').read_text())
+    assert {'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100'} <= set(stats)
+    assert [row['category_id'] for row in stats['per_class']] == [1, 3, 5, 7]
+
+
+def test_predict_uses_original_category_ids(run):
+    """Force the model to see 'triangle' (label 2, COCO id 5) everywhere: predictions must say 5."""
+    d, _ = run
+    ck = torch.load(d / 'run' / 'last.pth', weights_only=True)
+    w = ck['ema']['module']
+    for level in range(3):  # zero weights: the logits are exactly the biases
+        w[f'head.obj_preds.{level}.weight'].zero_(); w[f'head.cls_preds.{level}.weight'].zero_()
+        w[f'head.obj_preds.{level}.bias'].fill_(5.0)
+        w[f'head.cls_preds.{level}.bias'].copy_(torch.tensor([-5.0, -5.0, 5.0, -5.0]))
+    torch.save(ck, d / 'forced.pth')
+    images = d / 'imgs'; images.mkdir()
+    for name in ('000001.jpg', '000002.jpg'): shutil.copy(SHAPES / 'val' / name, images / name)
+    detlearn('predict', '--checkpoint', 'forced.pth', images, '--out', 'pred', cwd=d)
+    results = json.loads((d / 'pred' / 'predictions.json').read_text())
+    assert results and {r['category_id'] for r in results} == {5}
+    assert {r['image_id'] for r in results} == {1, 2} and {r['file_name'] for r in results} == {'000001.jpg', '000002.jpg'}
+    assert (d / 'pred' / '000001.png').is_file() and (d / 'pred' / '000002.png').is_file()
+
+
+def test_data_check_broken_dataset(tmp_path):
+    data = json.loads((SHAPES / 'val.json').read_text())
+    data['annotations'][0]['bbox'] = [10, 10, -5, 3]           # negative width
+    data['annotations'][1]['category_id'] = 99                  # unknown category
+    (tmp_path / 'bad.json').write_text(json.dumps(data))
+    r = detlearn('data', 'check', tmp_path / 'bad.json', SHAPES / 'val', cwd=tmp_path, ok=False)
+    assert r.returncode != 0 and 'Traceback' not in r.stdout + r.stderr
+    assert 'error' in (r.stdout + r.stderr).lower()
+
+
+def test_user_mistakes_are_one_line(tmp_path):
+    r = detlearn('train', '--model', 'yolox_nano', '--train-ann', tmp_path / 'missing.json', '--train-images', tmp_path,
+                 cwd=tmp_path, ok=False)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr
+    assert r.stderr.strip().count('\n') == 0 and 'missing.json does not exist' in r.stderr
+    r = detlearn('eval', '--checkpoint', tmp_path / 'nope.pth', '--ann', SHAPES / 'val.json', '--images', SHAPES / 'val',
+                 cwd=tmp_path, ok=False)
+    assert r.returncode == 2 and 'does not exist' in r.stderr and 'Traceback' not in r.stderr
+    r = detlearn('train', '--model', 'yolox_nano', '--train-ann', SHAPES / 'val.json', '--train-images', SHAPES / 'val',
+                 '--img-size', 64, 'loop.epoch=1', cwd=tmp_path, ok=False)
+    assert r.returncode == 2 and "unknown setting 'loop.epoch'" in r.stderr
