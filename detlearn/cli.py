@@ -6,7 +6,7 @@
 __all__ = ['IMAGE_SUFFIXES', 'COMMANDS', 'cmd_train', 'model_from_checkpoint', 'cmd_eval', 'list_images', 'predict_files',
            'cmd_predict', 'cmd_data', 'cmd_demo', 'build_parser', 'main']
 
-# %% ../nbs/51_cli.ipynb #f48149c3
+# %% ../nbs/51_cli.ipynb #857872ed
 import argparse
 import json
 import sys
@@ -16,7 +16,7 @@ import torch
 
 from .utils import DetlearnError
 
-# %% ../nbs/51_cli.ipynb #bdad77d7
+# %% ../nbs/51_cli.ipynb #a39a2e39
 def _add_train(sub):
     p = sub.add_parser('train', help='train a detector (also under torchrun)')
     p.add_argument('--model', help='preset, e.g. yolox_s (see detlearn bench info)')
@@ -83,7 +83,7 @@ def cmd_train(args) -> int:
         print(f"checkpoints and logs in {Path(args.work_dir).resolve()} (last.pth, best.pth, metrics.csv)")
     return 0
 
-# %% ../nbs/51_cli.ipynb #ad03e671
+# %% ../nbs/51_cli.ipynb #eb6b9b8b
 def model_from_checkpoint(path, device='cpu') -> tuple:
     """(model in eval mode with the EMA weights, checkpoint dict) from a detlearn checkpoint."""
     from detlearn.models import create
@@ -125,7 +125,7 @@ def cmd_eval(args) -> int:
         print(f'wrote {args.json}')
     return 0
 
-# %% ../nbs/51_cli.ipynb #c43c9bbb
+# %% ../nbs/51_cli.ipynb #90ebb871
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp'}
 
 def list_images(inputs: list) -> list[Path]:
@@ -154,7 +154,7 @@ def predict_files(model, files: list, img_size: int, device='cpu') -> list[dict]
         out.append({k: v.cpu() for k, v in model.postprocess(outputs, torch.tensor([[h, w]], device=device))[0].items()})
     return out
 
-# %% ../nbs/51_cli.ipynb #362fbcad
+# %% ../nbs/51_cli.ipynb #31a69fa5
 def _add_predict(sub):
     p = sub.add_parser('predict', help='detect objects in images; write pictures and COCO results')
     p.add_argument('--checkpoint', '-c', required=True); p.add_argument('inputs', nargs='+', metavar='IMAGES_OR_DIRS')
@@ -181,7 +181,7 @@ def cmd_predict(args) -> int:
     print(f"{len(files)} images, {len(results)} detections: pictures and predictions.json in {out}")
     return 0
 
-# %% ../nbs/51_cli.ipynb #651b04d1
+# %% ../nbs/51_cli.ipynb #df119d96
 def _add_data(sub):
     p = sub.add_parser('data', help='check or convert a dataset')
     s = p.add_subparsers(dest='data_cmd', required=True)
@@ -210,7 +210,7 @@ def cmd_demo(args) -> int:
     print(run_demo(args.out, device=args.device, **kwargs).summary())
     return 0
 
-# %% ../nbs/51_cli.ipynb #8de2f650
+# %% ../nbs/51_cli.ipynb #82ccfd8c
 def build_parser() -> argparse.ArgumentParser:
     """The `detlearn` argument parser with all sub-commands."""
     parser = argparse.ArgumentParser(prog='detlearn', description='Learn, train and use modern object detectors.')
@@ -237,4 +237,4 @@ def main(argv: list | None = None) -> int:
         print("detlearn: interrupted", file=sys.stderr)
         return 130
 
-if __name__ == '__main__' and 'ipykernel' not in sys.modules: sys.exit(main())
+if __name__ == '__main__' and sys.argv[0].endswith('cli.py'): sys.exit(main())  # `python -m detlearn.cli`, not a notebook

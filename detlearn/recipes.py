@@ -6,7 +6,7 @@
 __all__ = ['RECIPES', 'DEMO_MODEL', 'Recipe', 'yolox_coco_recipe', 'get_recipe', 'shapes_demo_recipe', 'build_datasets',
            'load_weights', 'build_model', 'build_trainer']
 
-# %% ../nbs/50d_recipes.ipynb #1ac84991
+# %% ../nbs/50d_recipes.ipynb #f5d7f361
 import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
@@ -18,7 +18,7 @@ from .train_utils import (LoopConfig, OptimConfig, ScheduleConfig, TrainConfig, 
                                   checkpoint_weights, load_checkpoint, load_matching)
 from .utils import DetlearnError
 
-# %% ../nbs/50d_recipes.ipynb #acbf8307
+# %% ../nbs/50d_recipes.ipynb #04a966e2
 @dataclass
 class Recipe:
     """What to train (model preset, input size), on which pipeline, with which `TrainConfig`."""
@@ -30,28 +30,27 @@ class Recipe:
     mosaic_scale: tuple = (0.1, 2.0)  # random affine scale range after Mosaic
     official_ap: float | None = None  # COCO val2017 box AP of the official weights, for comparison
     model_overrides: dict = field(default_factory=dict)  # YOLOXConfig fields to change, e.g. {'width': 0.125}
-    gpu_hours: str = ''               # rough budget of the official run
 
-# %% ../nbs/50d_recipes.ipynb #1433824a
-_YOLOX_COCO = {  # size: (img_size, mosaic_scale, mixup, official AP, budget)
-    'nano': (416, (0.5, 1.5), False, 25.8, '~8 GPUs x 1-2 days'),
-    'tiny': (416, (0.5, 1.5), False, 32.8, '~8 GPUs x 1-2 days'),
-    's': (640, (0.1, 2.0), True, 40.5, '~8 V100 x 2-3 days'),
-    'm': (640, (0.1, 2.0), True, 46.9, '~8 V100 x 4 days'),
-    'l': (640, (0.1, 2.0), True, 49.7, '~8 V100 x 6 days'),
-    'x': (640, (0.1, 2.0), True, 51.1, '~8 V100 x 10 days'),
+# %% ../nbs/50d_recipes.ipynb #fe7e5e63
+_YOLOX_COCO = {  # size: (img_size, mosaic_scale, mixup, official AP on val2017)
+    'nano': (416, (0.5, 1.5), False, 25.8),
+    'tiny': (416, (0.5, 1.5), False, 32.8),
+    's': (640, (0.1, 2.0), True, 40.5),
+    'm': (640, (0.1, 2.0), True, 46.9),
+    'l': (640, (0.1, 2.0), True, 49.7),
+    'x': (640, (0.1, 2.0), True, 51.1),
 }
 
 def yolox_coco_recipe(size: str, epochs: int = 300) -> Recipe:
     """The official YOLOX COCO schedule for `size` in nano, tiny, s, m, l, x."""
-    img, scale, mixup, ap, budget = _YOLOX_COCO[size]
+    img, scale, mixup, ap = _YOLOX_COCO[size]
     loop = LoopConfig(epochs=epochs, batch_size=8, ema_decay=0.9998, eval_every=10, no_aug_epochs=15,
                       multiscale=(img - 5 * 32, img + 5 * 32))  # 640 +- 5*32 (416: 256..576)
     train = TrainConfig(optim=OptimConfig(name='sgd', lr=0.01 / 64, momentum=0.9, nesterov=True, weight_decay=5e-4),
                         schedule=ScheduleConfig(name='cosine', warmup_epochs=5, warmup_power=2,
                                                 min_lr_ratio=0.05, final_flat_epochs=15),
                         loop=loop)
-    return Recipe(f'yolox_{size}', img, train, 1.0, mixup, scale, ap, budget)
+    return Recipe(f'yolox_{size}', img, train, mosaic_prob=1.0, mixup=mixup, mosaic_scale=scale, official_ap=ap)
 
 RECIPES = {f'yolox_{s}_300e_coco': partial(yolox_coco_recipe, s) for s in _YOLOX_COCO}
 
@@ -61,7 +60,7 @@ def get_recipe(name: str) -> Recipe:
         raise DetlearnError(f"unknown recipe {name!r}; available: {', '.join(RECIPES)}")
     return RECIPES[name]()
 
-# %% ../nbs/50d_recipes.ipynb #f1bf22b2
+# %% ../nbs/50d_recipes.ipynb #85086f79
 DEMO_MODEL = {'depthwise': False, 'width': 0.125}  # nano-sized (0.56 M) but plain convs: faster than depthwise on CPU
 
 def shapes_demo_recipe(epochs: int = 24, img_size: int = 192, model: str = 'yolox_nano',
@@ -78,7 +77,7 @@ def shapes_demo_recipe(epochs: int = 24, img_size: int = 192, model: str = 'yolo
 
 RECIPES['shapes_demo'] = shapes_demo_recipe
 
-# %% ../nbs/50d_recipes.ipynb #14f2484b
+# %% ../nbs/50d_recipes.ipynb #63d50e82
 def build_datasets(recipe: Recipe, train_ann, train_images, val_ann=None, val_images=None) -> tuple:
     """(train dataset, validation dataset or None) for `recipe` from COCO-format files."""
     from detlearn.data.coco import CocoDetection
@@ -93,23 +92,22 @@ def build_datasets(recipe: Recipe, train_ann, train_images, val_ann=None, val_im
         val = CocoDetection(val_ann, val_images, yolox_transforms(False, recipe.img_size))
     return train, val
 
-# %% ../nbs/50d_recipes.ipynb #c8008d0c
+# %% ../nbs/50d_recipes.ipynb #463d3411
 def load_weights(model: nn.Module, path: str | Path, verbose: bool = True) -> list[str]:
-    """Load a detlearn or official checkpoint into `model`, skipping (and returning) mismatched tensors."""
+    """Load a detlearn or official checkpoint into `model`; returns the (sorted) names left re-initialised."""
     ckpt = load_checkpoint(path)
     state = checkpoint_weights(ckpt)
-    if 'format' not in ckpt:  # an official file: map its names first
-        try:
-            from detlearn.hub import convert_state_dict
-            state = convert_state_dict(model, state)
-        except ImportError: pass
-    skipped, missing = load_matching(model, state)
-    if len(missing) == len(model.state_dict()):
-        raise DetlearnError(f"no tensor of {path} fits this model: is it a checkpoint of another architecture?")
-    if verbose and skipped:
-        print(f"loaded {path}; re-initialised {len(missing)} tensors that depend on the class count: "
-              + ', '.join(missing[:6]) + (' ...' if len(missing) > 6 else ''))
-    return missing
+    if 'format' in ckpt:  # a detlearn checkpoint: same names, maybe another class count
+        _, reinit = load_matching(model, state)
+        if len(reinit) == len(model.state_dict()):
+            raise DetlearnError(f"no tensor of {path} fits this model: is it a checkpoint of another architecture?")
+    else:  # an official file: strict loading through the hub's name mapping; only class tensors may differ
+        from detlearn.hub import load_official_state_dict
+        reinit = load_official_state_dict(model, state)
+    if verbose and reinit:
+        print(f"loaded {path}; re-initialised {len(reinit)} tensors that depend on the class count: "
+              + ', '.join(sorted(reinit)[:6]) + (' ...' if len(reinit) > 6 else ''))
+    return sorted(reinit)
 
 def build_model(name: str, num_classes: int, weights: str | Path | None = None,
                 overrides: dict | None = None) -> nn.Module:
@@ -119,7 +117,7 @@ def build_model(name: str, num_classes: int, weights: str | Path | None = None,
     if weights is not None: load_weights(model, weights)
     return model
 
-# %% ../nbs/50d_recipes.ipynb #626a452d
+# %% ../nbs/50d_recipes.ipynb #113446b4
 def build_trainer(model, train_dataset, eval_dataset=None, work_dir: str | Path = 'runs/train',
                   cfg_options: dict | list | None = None, recipe: Recipe | str | None = None,
                   weights: str | Path | None = None, device: str | None = None, progress: bool = True):
