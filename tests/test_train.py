@@ -103,3 +103,23 @@ def test_user_mistakes(tmp_path):
     t = make(tmp_path, cfg(1))
     with pytest.raises(DetlearnError, match='does not exist'):
         t.fit(resume=tmp_path / 'missing.pth')
+
+
+def test_build_trainer_modelscope_style(tmp_path):
+    """build_trainer(model=, train_dataset=, eval_dataset=, work_dir=, cfg_options=) then .train() / .evaluate(checkpoint_path=)."""
+    from detlearn.recipes import build_trainer
+    torch.manual_seed(0)
+    t = build_trainer(model=ToyDetector(), train_dataset=ToyBoxes(), eval_dataset=ToyBoxes(n=8, noise=False),
+                      work_dir=tmp_path, device='cpu', progress=False,
+                      cfg_options={'loop.epochs': 2, 'loop.num_workers': 0, 'loop.batch_size': 4, 'loop.eval_every': 1,
+                                   'loop.no_aug_epochs': 0, 'loop.multiscale': '', 'schedule.warmup_epochs': 0,
+                                   'schedule.final_flat_epochs': 0, 'optim.name': 'adamw', 'optim.lr': 0.01,
+                                   'optim.lr_per_image': False})
+    history = t.train()
+    assert [r['epoch'] for r in history] == [1, 2] and 'AP50' in history[-1]
+    ema_stats = t.evaluate().stats
+    torch.nn.init.zeros_(t.model.head.weight)  # spoil the live weights: evaluate(checkpoint_path) must reload them
+    stats = t.evaluate(checkpoint_path=tmp_path / 'last.pth').stats
+    assert stats == ema_stats and stats['AP50'] == history[-1]['AP50']
+    ck = load_checkpoint(tmp_path / 'last.pth')
+    assert ck['cat_ids'] == [7] and ck['meta']['num_classes'] == 1
