@@ -6,7 +6,7 @@
 __all__ = ['TrainingDiverged', 'to_device', 'to_float32', 'resize_batch', 'RunLog', 'Trainer', 'train_one_epoch',
            'predict_dataset', 'evaluate', 'state_dict', 'load_state', 'fit', 'train']
 
-# %% ../nbs/50c_train.ipynb #2e5d6467
+# %% ../nbs/50c_train.ipynb #e3d1e575
 import csv
 import math
 import time
@@ -24,7 +24,7 @@ from .train_utils import (ModelEMA, TrainConfig, amp_policy, build_optimizer, bu
                                   save_checkpoint, seed_everything, set_rng_state)
 from .utils import DetlearnError
 
-# %% ../nbs/50c_train.ipynb #b2988a4c
+# %% ../nbs/50c_train.ipynb #4de6c566
 class TrainingDiverged(DetlearnError):
     """The loss stayed non-finite: the offending batch and state were saved."""
 
@@ -49,7 +49,7 @@ def resize_batch(images: Tensor, masks: Tensor | None, targets: list[dict], size
     targets = [{**t, 'boxes': t['boxes'] * scale, 'size': t['size'].new_tensor([size, size])} for t in targets]
     return images, masks, targets
 
-# %% ../nbs/50c_train.ipynb #8d2454d0
+# %% ../nbs/50c_train.ipynb #49e65a26
 class RunLog:
     """metrics.csv + optional TensorBoard + optional live notebook plot (rank 0 only)."""
     def __init__(self, work_dir: Path, enabled: bool, plot: bool = False):
@@ -90,7 +90,7 @@ class RunLog:
         else: self.handle.update(fig)
         plt.close(fig)
 
-# %% ../nbs/50c_train.ipynb #bf8956a2
+# %% ../nbs/50c_train.ipynb #aafae6c8
 class Trainer:
     """Train any detector that keeps detlearn's protocol (forward/loss/postprocess)."""
     def __init__(self, model: nn.Module, train_dataset, val_dataset=None,
@@ -134,7 +134,7 @@ class Trainer:
                           num_workers=self.cfg.loop.num_workers, drop_last=train,
                           pin_memory=self.info.device.type == 'cuda')
 
-# %% ../nbs/50c_train.ipynb #a002c851
+# %% ../nbs/50c_train.ipynb #53e600f6
 def _default_collate():
     from detlearn.data.coco import collate_detection  # the data layer's batch contract
     return collate_detection
@@ -158,7 +158,7 @@ def _pick_size(self: Trainer, epoch: int, i: int) -> int | None:
 
 Trainer._start_epoch, Trainer._pick_size = _start_epoch, _pick_size
 
-# %% ../nbs/50c_train.ipynb #2e0ea87e
+# %% ../nbs/50c_train.ipynb #63c1bd15
 def _train_step(self: Trainer, images, masks, targets, micro: int) -> dict | None:
     loop, dev = self.cfg.loop, self.info.device
     with torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
@@ -194,7 +194,7 @@ def _bad_step(self: Trainer, images, targets, losses) -> None:
 
 Trainer._train_step, Trainer._bad_step = _train_step, _bad_step
 
-# %% ../nbs/50c_train.ipynb #cd67cd59
+# %% ../nbs/50c_train.ipynb #c7f11d7e
 def train_one_epoch(self: Trainer, epoch: int) -> dict:
     """Train one epoch; returns the epoch's mean losses and timings."""
     from tqdm.auto import tqdm
@@ -227,7 +227,7 @@ def train_one_epoch(self: Trainer, epoch: int) -> dict:
 
 Trainer.train_one_epoch = train_one_epoch
 
-# %% ../nbs/50c_train.ipynb #028a8dcb
+# %% ../nbs/50c_train.ipynb #0bd7de68
 @torch.no_grad()
 def predict_dataset(model: nn.Module, loader, device, amp_dtype=None) -> dict:
     """{image_id: postprocessed prediction (boxes xyxy original pixels, scores, labels) on CPU}."""
@@ -264,7 +264,7 @@ def evaluate(self: Trainer, model: nn.Module | None = None, checkpoint_path: str
 
 Trainer.evaluate = evaluate
 
-# %% ../nbs/50c_train.ipynb #393f019b
+# %% ../nbs/50c_train.ipynb #54869453
 def state_dict(self: Trainer) -> dict:
     """The checkpoint dict of DESIGN.md: model, EMA, optimiser, scheduler, scaler, counters, RNG, config, classes."""
     ds = self.train_dataset
@@ -300,7 +300,7 @@ def _save(self: Trainer, is_best: bool):
 
 Trainer.state_dict, Trainer.load_state, Trainer._save = state_dict, load_state, _save
 
-# %% ../nbs/50c_train.ipynb #64a4c21a
+# %% ../nbs/50c_train.ipynb #795bb8be
 def fit(self: Trainer, resume: str | Path | None = None,
         stop_after: int | None = None,  # end after this epoch, as if interrupted (the schedule still plans loop.epochs)
        ) -> list[dict]:
