@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['bench_trainer', 'add_bench_parser', 'cmd_bench']
 
-# %% ../nbs/53_bench.ipynb #105e3fc1
+# %% ../nbs/53_bench.ipynb #2df8d318
 import time
 
 import torch
 
 from .utils import DetlearnError
 
-# %% ../nbs/53_bench.ipynb #9dc1fb0a
+# %% ../nbs/53_bench.ipynb #6d72f393
 def _synthetic_batch(batch: int, size: int, num_classes: int, device) -> tuple:
     g = torch.Generator().manual_seed(0)
     images = torch.rand(batch, 3, size, size, generator=g) * 255
@@ -67,7 +67,7 @@ def bench_trainer(model: str = 'yolox_nano', img_size: int = 256, batch_size: in
               f"trainer {row['trainer_s'] * 1e3:.1f} ms/step, overhead {100 * row['overhead']:+.1f} %")
     return row
 
-# %% ../nbs/53_bench.ipynb #c66be66f
+# %% ../nbs/53_bench.ipynb #15e3ff5d
 def add_bench_parser(sub):
     """Add `detlearn bench ...` to the CLI's sub-parsers."""
     p = sub.add_parser('bench', help='speed, size and accuracy benchmarks')
