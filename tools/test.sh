@@ -27,4 +27,6 @@ if [ -n "$(git status --porcelain -- detlearn nbs README.md)" ]; then
 fi
 
 step "pytest: every notebook through nbdev's test engine, then tests/"
+# Two xdist workers on two cores: one math thread each, or torch's threads fight and everything crawls.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 .venv/bin/python -m pytest -q -n 2 --dist loadgroup tests "$@"
