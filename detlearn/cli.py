@@ -185,7 +185,7 @@ def cmd_predict(args) -> int:
 def _add_data(sub):
     p = sub.add_parser('data', help='check or convert a dataset')
     s = p.add_subparsers(dest='data_cmd', required=True)
-    c = s.add_parser('check', help='find broken images and annotations'); c.add_argument('ann'); c.add_argument('images')
+    c = s.add_parser('check', help='find broken images and annotations'); c.add_argument('ann'); c.add_argument('--images', required=True, help='the folder the file names in ANN are relative to')
     c.add_argument('--no-decode', action='store_true', help='read image headers only (fast)')
     v = s.add_parser('convert', help='YOLO or VOC labels to COCO json')
     v.add_argument('format', choices=['yolo', 'voc']); v.add_argument('--images', required=True)

@@ -83,7 +83,7 @@ def test_data_check_broken_dataset(tmp_path):
     data['annotations'][0]['bbox'] = [10, 10, -5, 3]           # negative width
     data['annotations'][1]['category_id'] = 99                  # unknown category
     (tmp_path / 'bad.json').write_text(json.dumps(data))
-    r = detlearn('data', 'check', tmp_path / 'bad.json', SHAPES / 'val', cwd=tmp_path, ok=False)
+    r = detlearn('data', 'check', tmp_path / 'bad.json', '--images', SHAPES / 'val', cwd=tmp_path, ok=False)
     assert r.returncode != 0 and 'Traceback' not in r.stdout + r.stderr
     assert 'error' in (r.stdout + r.stderr).lower()
 
