@@ -99,3 +99,29 @@ def test_user_mistakes_are_one_line(tmp_path):
     r = detlearn('train', '--model', 'yolox_nano', '--train-ann', SHAPES / 'val.json', '--train-images', SHAPES / 'val',
                  '--img-size', 64, 'loop.epoch=1', cwd=tmp_path, ok=False)
     assert r.returncode == 2 and "unknown setting 'loop.epoch'" in r.stderr
+
+
+@pytest.mark.parametrize('source', ['official', 'detlearn'])
+def test_finetune_onto_other_classes(tmp_path, source):
+    """Weights for 80 COCO classes onto the 4 shapes classes: only the class tensors start afresh, and they are named."""
+    from detlearn.hub import detlearn_to_official
+    from detlearn.models import create
+    torch.manual_seed(0)
+    coco = create('yolox_nano', num_classes=80)
+    state = coco.state_dict()
+    if source == 'official':  # the official file layout (NOTES.md): weights under 'model', plus training state
+        torch.save({'start_epoch': 300, 'model': detlearn_to_official(state), 'optimizer': {}, 'best_ap': 25.8}, tmp_path / 'w.pth')
+    else:  # a detlearn checkpoint of another dataset
+        torch.save({'model': state, 'class_names': [f'c{i}' for i in range(80)], 'cat_ids': list(range(1, 81))}, tmp_path / 'w.pth')
+    r = detlearn('train', '--model', 'yolox_nano', '--train-ann', SHAPES / 'train.json', '--train-images', SHAPES / 'train',
+                 '--epochs', 1, '--img-size', 64, '--batch-size', 16, '--workers', 0, '--work-dir', 'ft', '--no-progress',
+                 '-t', 'w.pth', cwd=tmp_path)
+    cls_names = sorted(k for k in state if 'cls_preds' in k)
+    assert 're-initialised 6 tensors' in r.stdout and all(name in r.stdout for name in cls_names), r.stdout[-2000:]
+    ck = torch.load(tmp_path / 'ft' / 'last.pth', weights_only=True)
+    assert ck['cat_ids'] == [1, 3, 5, 7] and ck['class_names'][0] == 'circle'  # the new dataset's mapping travels
+    assert ck['model']['head.cls_preds.0.weight'].shape[0] == 4
+    # everything else began from the given weights: one short epoch moves a conv by a few % of its scale,
+    # while a fresh initialisation would differ by about the scale itself
+    key = 'backbone.backbone.dark3.1.conv1.conv.weight'
+    assert (ck['model'][key] - state[key]).abs().mean() < 0.25 * state[key].abs().mean()
