@@ -86,15 +86,14 @@ def cmd_train(args) -> int:
 # %% ../nbs/51_cli.ipynb #eb6b9b8b
 def model_from_checkpoint(path, device='cpu') -> tuple:
     """(model in eval mode with the EMA weights, checkpoint dict) from a detlearn checkpoint."""
-    from detlearn.models import create
-    from detlearn.train_utils import checkpoint_weights, load_checkpoint
+    from detlearn.pipeline import build_from_checkpoint
+    from detlearn.train_utils import load_checkpoint
     ckpt = load_checkpoint(path, map_location='cpu')
     meta = ckpt.get('meta') or {}
     if 'model_name' not in meta or 'class_names' not in ckpt:
         raise DetlearnError(f"{path} is not a detlearn checkpoint (no model name/classes); "
                             "load official weights with detlearn.hub, or fine-tune with `detlearn train -t`")
-    model = create(meta['model_name'], num_classes=len(ckpt['class_names']), cfg_overrides=meta.get('model_overrides') or None)
-    model.load_state_dict(checkpoint_weights(ckpt))
+    model, _, _ = build_from_checkpoint(ckpt, None, path)  # the same rebuild as `detlearn.pipeline`
     return model.to(device).eval(), ckpt
 
 def _add_eval(sub):
@@ -106,12 +105,12 @@ def _add_eval(sub):
 def cmd_eval(args) -> int:
     """`detlearn eval`: the 12 COCO numbers and the per-class table (optionally as JSON)."""
     from detlearn.data.coco import CocoDetection, collate_detection
-    from detlearn.data.transforms_yolox import yolox_transforms
     from detlearn.evaluation import CocoEvaluator
+    from detlearn.pipeline import eval_transforms_for
     from detlearn.train import predict_dataset
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     model, ckpt = model_from_checkpoint(args.checkpoint, device)
-    ds = CocoDetection(args.ann, args.images, yolox_transforms(False, ckpt['meta'].get('img_size', 640)))
+    ds = CocoDetection(args.ann, args.images, eval_transforms_for(model, ckpt['meta'].get('img_size')))
     if list(ds.cat_ids) != list(ckpt['cat_ids']):
         raise DetlearnError(f"{args.ann} has categories {ds.class_names} (ids {ds.cat_ids}) but the model was trained on "
                             f"{ckpt['class_names']} (ids {ckpt['cat_ids']})")
@@ -138,20 +137,13 @@ def list_images(inputs: list) -> list[Path]:
     if not files: raise DetlearnError(f"no images found in {', '.join(map(str, inputs))}")
     return files
 
-@torch.no_grad()
-def predict_files(model, files: list, img_size: int, device='cpu') -> list[dict]:
-    """Postprocessed predictions (original pixels) for each image file, one at a time."""
-    from detlearn.data.coco import load_image
-    from detlearn.data.transforms_yolox import yolox_transforms
-    tf, out = yolox_transforms(False, img_size), []
-    for f in files:
-        image = load_image(f)  # (H, W, 3) uint8 RGB
-        h, w = image.shape[:2]
-        target = {'boxes': torch.zeros(0, 4).numpy(), 'labels': torch.zeros(0, dtype=torch.long).numpy(),
-                  'image_id': 0, 'orig_size': (h, w), 'size': (h, w)}
-        x, _ = tf(image, target)
-        outputs = model(x[None].to(device))
-        out.append({k: v.cpu() for k, v in model.postprocess(outputs, torch.tensor([[h, w]], device=device))[0].items()})
+def predict_files(model, files: list, img_size: int | None, device='cpu', batch_size: int = 8) -> list[dict]:
+    """Postprocessed predictions (original pixels) for each image file, batched through `detlearn.pipeline`."""
+    from detlearn.pipeline import DetectionPipeline, eval_transforms_for
+    pipe = DetectionPipeline(model, [], eval_transforms_for(model, img_size), torch.device(device), batch_size=batch_size)
+    out = []
+    for start in range(0, len(files), batch_size):
+        out += [{k: v.cpu() for k, v in det.items()} for det in pipe.predict(files[start:start + batch_size])]
     return out
 
 # %% ../nbs/51_cli.ipynb #31a69fa5
@@ -169,7 +161,7 @@ def cmd_predict(args) -> int:
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     model, ckpt = model_from_checkpoint(args.checkpoint, device)
     files, out = list_images(args.inputs), Path(args.out)
-    preds = predict_files(model, files, ckpt['meta'].get('img_size', 640), device)
+    preds = predict_files(model, files, ckpt['meta'].get('img_size'), device)
     results = []
     for i, (f, p) in enumerate(zip(files, preds)):
         image_id = int(f.stem) if f.stem.isdigit() else i + 1
