@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['MAX_DOWNLOAD_BYTES', 'download_image', 'read_image', 'eval_transforms_for', 'coco_class_names',
-           'build_from_checkpoint', 'load_model', 'DetectionPipeline', 'pipeline']
+           'build_from_checkpoint', 'official_weights', 'load_model', 'DetectionPipeline', 'pipeline']
 
 # %% ../nbs/52_pipeline.ipynb #4e77268a
 import io
@@ -127,6 +127,17 @@ def build_from_checkpoint(ckpt: dict, preset: str | None, source: str | Path) ->
     return model, coco_class_names() if k == 80 else [f'class_{i}' for i in range(k)], None
 
 # %% ../nbs/52_pipeline.ipynb #c0d8c692
+def official_weights(preset: str) -> Path:
+    """The cached (downloaded on first use) official weights of `preset`, or an error saying what to do offline."""
+    from detlearn import hub
+    try:
+        return hub.weights_path_for(preset)
+    except hub.NetworkError as e:
+        url = hub.OFFICIAL_WEIGHTS[preset]['url']
+        raise DetlearnError(f"{e}. This machine seems offline: download {url} elsewhere and pass weights=PATH "
+                            "(the official .pth or a detlearn checkpoint).") from None
+
+
 def load_model(model: str | Path | nn.Module,  # preset name, detlearn checkpoint path, or a built model
                weights: str | Path | None = None,  # for a preset: a detlearn or official checkpoint file
                device: torch.device = torch.device('cpu'),
@@ -139,9 +150,7 @@ def load_model(model: str | Path | nn.Module,  # preset name, detlearn checkpoin
         names = getattr(model, 'class_names', None) or [f'class_{k}' for k in range(num_classes)]
         return model.to(device).eval(), list(names), None
     if str(model) in list_models():
-        if weights is None:
-            raise DetlearnError(f"no weights for {model!r}: pass weights=PATH, the official file (e.g. {model}.pth "
-                                "from the official releases page) or a detlearn checkpoint; detlearn downloads nothing.")
+        weights = official_weights(str(model)) if weights is None else weights
         net, names, size = build_from_checkpoint(load_checkpoint(weights), str(model), weights)
     elif Path(model).suffix in ('.pth', '.pt', '.ckpt') or Path(model).is_file():
         if weights is not None: raise DetlearnError("weights= goes with a preset name, not with a checkpoint path.")
