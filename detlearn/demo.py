@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['DemoResult', 'write_outputs', 'run_demo']
 
-# %% ../nbs/54_demo.ipynb #a5273585
+# %% ../nbs/54_demo.ipynb #aa34950d
 import json
 import time
 from dataclasses import dataclass, field
@@ -15,7 +15,7 @@ import torch
 
 from .utils import DetlearnError
 
-# %% ../nbs/54_demo.ipynb #2f627fd3
+# %% ../nbs/54_demo.ipynb #7c287db2
 @dataclass
 class DemoResult:
     """What the demo produced: the 12 COCO numbers, the per-class table, where the files are, how long it took."""
@@ -34,7 +34,7 @@ class DemoResult:
                 f"pictures:         {self.out_dir / 'pictures'} ({len(self.pictures)} images)\n"
                 f"training log:     {self.out_dir / 'metrics.csv'}")
 
-# %% ../nbs/54_demo.ipynb #e17813c6
+# %% ../nbs/54_demo.ipynb #352c2afd
 def write_outputs(trainer, val_raw, out_dir: Path, n_pictures: int = 8, threshold: float = 0.3) -> tuple:
     """COCO results JSON (original category ids) and pictures of the first validation predictions."""
     from detlearn.evaluation import to_coco_results
@@ -52,8 +52,8 @@ def write_outputs(trainer, val_raw, out_dir: Path, n_pictures: int = 8, threshol
                                         p['boxes'][keep], p['labels'][keep], p['scores'][keep], val_raw.class_names))
     return results_json, pictures
 
-# %% ../nbs/54_demo.ipynb #f27606e4
-def run_demo(out_dir: str | Path = 'detlearn_demo', epochs: int = 80, img_size: int = 192,
+# %% ../nbs/54_demo.ipynb #a9563f12
+def run_demo(out_dir: str | Path = 'detlearn_demo', epochs: int = 60, img_size: int = 192,
              model: str = 'yolox_nano', batch_size: int = 8, device: str | None = None,
              num_workers: int = 2, progress: bool = True, overrides: list | dict | None = None) -> DemoResult:
     """Train a YOLOX from scratch on the shapes sample, evaluate it, write pictures and COCO results."""

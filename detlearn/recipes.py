@@ -6,7 +6,7 @@
 __all__ = ['RECIPES', 'DEMO_MODEL', 'Recipe', 'yolox_coco_recipe', 'get_recipe', 'shapes_demo_recipe', 'build_datasets',
            'load_weights', 'build_model', 'build_trainer']
 
-# %% ../nbs/50d_recipes.ipynb #f122fb12
+# %% ../nbs/50d_recipes.ipynb #5db43ca3
 import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
@@ -18,7 +18,7 @@ from .train_utils import (LoopConfig, OptimConfig, ScheduleConfig, TrainConfig, 
                                   checkpoint_weights, load_checkpoint, load_matching)
 from .utils import DetlearnError
 
-# %% ../nbs/50d_recipes.ipynb #e1f134b6
+# %% ../nbs/50d_recipes.ipynb #06e94d02
 @dataclass
 class Recipe:
     """What to train (model preset, input size), on which pipeline, with which `TrainConfig`."""
@@ -31,7 +31,7 @@ class Recipe:
     official_ap: float | None = None  # COCO val2017 box AP of the official weights, for comparison
     model_overrides: dict = field(default_factory=dict)  # YOLOXConfig fields to change, e.g. {'width': 0.125}
 
-# %% ../nbs/50d_recipes.ipynb #dfe59ca3
+# %% ../nbs/50d_recipes.ipynb #a4f18d8c
 _YOLOX_COCO = {  # size: (img_size, mosaic_scale, mixup, official AP on val2017)
     'nano': (416, (0.5, 1.5), False, 25.8),
     'tiny': (416, (0.5, 1.5), False, 32.8),
@@ -60,24 +60,27 @@ def get_recipe(name: str) -> Recipe:
         raise DetlearnError(f"unknown recipe {name!r}; available: {', '.join(RECIPES)}")
     return RECIPES[name]()
 
-# %% ../nbs/50d_recipes.ipynb #883e7f03
+# %% ../nbs/50d_recipes.ipynb #0fdb77f0
 DEMO_MODEL = {'depthwise': False, 'width': 0.125}  # nano-sized (0.56 M) but plain convs: faster than depthwise on CPU
 
-def shapes_demo_recipe(epochs: int = 80, img_size: int = 192, model: str = 'yolox_nano',
-                       model_overrides: dict | None = None, lr: float = 0.008) -> Recipe:
+def shapes_demo_recipe(epochs: int = 60, img_size: int = 192, model: str = 'yolox_nano',
+                       model_overrides: dict | None = None, lr: float = 0.008,
+                       mosaic_prob: float = 0.5) -> Recipe:
     """A YOLOX from scratch on the shapes sample, tuned for a few CPU minutes."""
     loop = LoopConfig(epochs=epochs, batch_size=8, num_workers=2, ema_decay=0.99, ema_warmup=50,
-                      eval_every=epochs, no_aug_epochs=max(1, epochs // 4), multiscale=(), amp=True, log_every=5)
+                      eval_every=max(1, epochs // 3),  # a few AP lines while it trains (60 val images: ~2 s each)
+                      no_aug_epochs=max(1, epochs // 4),  # the last quarter without Mosaic, with the L1 loss
+                      multiscale=(), amp=True, log_every=5)
     train = TrainConfig(optim=OptimConfig(name='adamw', lr=lr, lr_per_image=False, weight_decay=5e-4),
                         schedule=ScheduleConfig(warmup_epochs=1, warmup_power=2, min_lr_ratio=0.05,
                                                 final_flat_epochs=0),
                         loop=loop)
-    return Recipe(model, img_size, train, mosaic_prob=0.0, mixup=False, mosaic_scale=(0.5, 1.5),
+    return Recipe(model, img_size, train, mosaic_prob=mosaic_prob, mixup=False, mosaic_scale=(0.5, 1.5),
                   model_overrides=dict(DEMO_MODEL if model_overrides is None else model_overrides))
 
 RECIPES['shapes_demo'] = shapes_demo_recipe
 
-# %% ../nbs/50d_recipes.ipynb #c5517040
+# %% ../nbs/50d_recipes.ipynb #4b6d618b
 def build_datasets(recipe: Recipe, train_ann, train_images, val_ann=None, val_images=None) -> tuple:
     """(train dataset, validation dataset or None) for `recipe` from COCO-format files."""
     from detlearn.data.coco import CocoDetection
@@ -92,7 +95,7 @@ def build_datasets(recipe: Recipe, train_ann, train_images, val_ann=None, val_im
         val = CocoDetection(val_ann, val_images, yolox_transforms(False, recipe.img_size))
     return train, val
 
-# %% ../nbs/50d_recipes.ipynb #b9022924
+# %% ../nbs/50d_recipes.ipynb #62b9be98
 def load_weights(model: nn.Module, path: str | Path, verbose: bool = True) -> list[str]:
     """Load a detlearn or official checkpoint into `model`; returns the (sorted) names left re-initialised."""
     ckpt = load_checkpoint(path)
@@ -117,7 +120,7 @@ def build_model(name: str, num_classes: int, weights: str | Path | None = None,
     if weights is not None: load_weights(model, weights)
     return model
 
-# %% ../nbs/50d_recipes.ipynb #5e7a4855
+# %% ../nbs/50d_recipes.ipynb #0964b9b1
 def build_trainer(model, train_dataset, eval_dataset=None, work_dir: str | Path = 'runs/train',
                   cfg_options: dict | list | None = None, recipe: Recipe | str | None = None,
                   weights: str | Path | None = None, device: str | None = None, progress: bool = True):
