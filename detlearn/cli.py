@@ -32,6 +32,8 @@ def _add_train(sub):
     p.add_argument('--workers', type=int, help='data loader processes per GPU/process')
     p.add_argument('--no-amp', action='store_true', help='train in fp32 even on a GPU')
     p.add_argument('--no-progress', action='store_true', help='no progress bars (log files only)')
+    p.add_argument('--drop-bad-annotations', action='store_true',
+                   help='train on a dataset the doctor finds broken by dropping the bad annotations/images (it says how many)')
     p.add_argument('overrides', nargs='*', metavar='key=value', help='e.g. loop.eval_every=5 optim.lr=0.001')
 
 def _train_recipe(args):
@@ -74,7 +76,7 @@ def cmd_train(args) -> int:
     recipe = _train_recipe(args)
     for f in _train_files(args):
         if f is not None and not Path(f).exists(): raise DetlearnError(f"{f} does not exist")
-    train_ds, val_ds = build_datasets(recipe, *_train_files(args))
+    train_ds, val_ds = build_datasets(recipe, *_train_files(args), drop_bad=args.drop_bad_annotations)
     trainer = build_trainer(recipe.model, train_ds, val_ds, work_dir=args.work_dir, cfg_options=args.overrides,
                             recipe=recipe, weights=args.weights, device=args.device, progress=not args.no_progress)
     trainer.fit(resume=args.resume)

@@ -81,18 +81,20 @@ def shapes_demo_recipe(epochs: int = 60, img_size: int = 192, model: str = 'yolo
 RECIPES['shapes_demo'] = shapes_demo_recipe
 
 # %% ../nbs/50d_recipes.ipynb #4b6d618b
-def build_datasets(recipe: Recipe, train_ann, train_images, val_ann=None, val_images=None) -> tuple:
-    """(train dataset, validation dataset or None) for `recipe` from COCO-format files."""
+def build_datasets(recipe: Recipe, train_ann, train_images, val_ann=None, val_images=None,
+                   drop_bad: bool = False,  # drop what the dataset doctor flags (with a warning) instead of refusing
+                  ) -> tuple:
+    """(train dataset, validation dataset or None) for `recipe` from COCO-format files, checked by the dataset doctor."""
     from detlearn.data.coco import CocoDetection
     from detlearn.data.transforms_yolox import MosaicMixupDataset, yolox_transforms
-    raw = CocoDetection(train_ann, train_images)
+    raw = CocoDetection(train_ann, train_images, drop_bad=drop_bad)
     train = MosaicMixupDataset(raw, recipe.img_size, yolox_transforms(True, recipe.img_size),
                                mosaic_prob=recipe.mosaic_prob, enable_mixup=recipe.mixup,
                                mosaic_scale=tuple(recipe.mosaic_scale))
     val = None
     if val_ann is not None:
         if val_images is None: raise DetlearnError("give the validation images folder with the annotation file")
-        val = CocoDetection(val_ann, val_images, yolox_transforms(False, recipe.img_size))
+        val = CocoDetection(val_ann, val_images, yolox_transforms(False, recipe.img_size), drop_bad=drop_bad)
     return train, val
 
 # %% ../nbs/50d_recipes.ipynb #62b9be98

@@ -125,3 +125,17 @@ def test_finetune_onto_other_classes(tmp_path, source):
     # while a fresh initialisation would differ by about the scale itself
     key = 'backbone.backbone.dark3.1.conv1.conv.weight'
     assert (ck['model'][key] - state[key]).abs().mean() < 0.25 * state[key].abs().mean()
+
+
+def test_training_refuses_a_broken_dataset_unless_told_to_drop(tmp_path):
+    data = json.loads((SHAPES / 'train.json').read_text())
+    bad_id = data['annotations'][0]['id']
+    data['annotations'][0]['bbox'] = [10, 10, -5, 3]  # negative width
+    (tmp_path / 'bad.json').write_text(json.dumps(data))
+    args = ('train', '--model', 'yolox_nano', '--train-ann', tmp_path / 'bad.json', '--train-images', SHAPES / 'train',
+            '--epochs', 1, '--img-size', 64, '--batch-size', 16, '--workers', 0, '--work-dir', 'run', '--no-progress')
+    r = detlearn(*args, cwd=tmp_path, ok=False)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    assert 'bad.json' in r.stderr and str(bad_id) in r.stderr  # the doctor's report names the file and the annotation
+    r = detlearn(*args, '--drop-bad-annotations', cwd=tmp_path)
+    assert 'dropped 1 annotations' in r.stderr and (tmp_path / 'run' / 'last.pth').exists()
