@@ -8,17 +8,7 @@ import torch.nn.functional as F
 from detlearn.assign.simota import (dynamic_k_matching, simota_assign, simota_candidates, simota_cls_cost)
 from detlearn.boxes import box_xyxy_to_cxcywh
 
-
-def logit(p): return math.log(p / (1 - p))
-
-
-def make_anchors(size, strides=(8, 16, 32)):
-    grids, strs = [], []
-    for s in strides:
-        rows, cols = torch.meshgrid(torch.arange(size // s), torch.arange(size // s), indexing='ij')
-        grids.append(torch.stack([cols, rows], -1).reshape(-1, 2).float())
-        strs.append(torch.full((len(grids[-1]),), float(s)))
-    return torch.cat(grids), torch.cat(strs)
+from anchor_fixtures import logit, make_anchors
 
 
 def test_one_gt_three_candidates_known_answer():
