@@ -43,7 +43,7 @@ def bench_trainer(model: str = 'yolox_nano', img_size: int = 256, batch_size: in
                       collate_fn=lambda b: b, progress=False)
     trainer.ddp_model.train()
     opt = build_optimizer(bare, cfg.optim, batch_size)
-    dtype, _ = amp_policy(dev, cfg.loop.amp)
+    dtype, _ = amp_policy(dev, cfg.loop.amp, cpu_bf16=cfg.loop.cpu_amp)
     images, masks, targets = _synthetic_batch(batch_size, img_size, num_classes, dev)
 
     def bare_step():

@@ -61,7 +61,7 @@ def get_recipe(name: str) -> Recipe:
     return RECIPES[name]()
 
 # %% ../nbs/50d_recipes.ipynb #0fdb77f0
-DEMO_MODEL = {'depthwise': False, 'width': 0.125}  # nano-sized (0.56 M) but plain convs: faster than depthwise on CPU
+DEMO_MODEL = {'depthwise': False, 'width': 0.25}  # nano's width but plain convs (2.2 M): faster than depthwise on CPU
 
 def shapes_demo_recipe(epochs: int = 60, img_size: int = 192, model: str = 'yolox_nano',
                        model_overrides: dict | None = None, lr: float = 0.008,
@@ -70,7 +70,8 @@ def shapes_demo_recipe(epochs: int = 60, img_size: int = 192, model: str = 'yolo
     loop = LoopConfig(epochs=epochs, batch_size=8, num_workers=2, ema_decay=0.99, ema_warmup=50,
                       eval_every=max(1, epochs // 3),  # a few AP lines while it trains (60 val images: ~2 s each)
                       no_aug_epochs=max(1, epochs // 4),  # the last quarter without Mosaic, with the L1 loss
-                      multiscale=(), amp=True, log_every=5)
+                      multiscale=(), amp=True, log_every=5,
+                      cpu_amp=True, channels_last=True)  # bf16 NHWC convs on CPUs that have bf16: 1.6x faster
     train = TrainConfig(optim=OptimConfig(name='adamw', lr=lr, lr_per_image=False, weight_decay=5e-4),
                         schedule=ScheduleConfig(warmup_epochs=1, warmup_power=2, min_lr_ratio=0.05,
                                                 final_flat_epochs=0),

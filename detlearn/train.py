@@ -113,10 +113,11 @@ class Trainer:
             for name, p in model.named_parameters():
                 if name.startswith('backbone.'): p.requires_grad_(False)
         model.to(self.info.device)
+        if loop.channels_last: model.to(memory_format=torch.channels_last)  # NHWC weights: convs then run NHWC
         self.ddp_model = wrap_model(model, self.info, loop.sync_bn)
         self.model = unwrap_model(self.ddp_model)
         self.ema = ModelEMA(self.model, loop.ema_decay, loop.ema_warmup) if loop.ema else None
-        self.amp_dtype, need_scaler = amp_policy(self.info.device, loop.amp)
+        self.amp_dtype, need_scaler = amp_policy(self.info.device, loop.amp, cpu_bf16=loop.cpu_amp)
         self.scaler = torch.amp.GradScaler(self.info.device.type, enabled=need_scaler)
         self.train_loader = self._loader(self.train_dataset, train=True)
         self.iters_per_epoch = max(1, len(self.train_loader) // loop.accumulate)

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['OptimConfig', 'ScheduleConfig', 'LoopConfig', 'TrainConfig', 'apply_overrides', 'config_to_dict', 'config_from_dict',
-           'amp_policy', 'ModelEMA', 'param_groups', 'build_optimizer', 'lr_factor', 'build_scheduler', 'rng_state',
-           'set_rng_state', 'seed_everything', 'save_checkpoint', 'load_checkpoint', 'load_matching',
+           'cpu_has_bf16', 'amp_policy', 'ModelEMA', 'param_groups', 'build_optimizer', 'lr_factor', 'build_scheduler',
+           'rng_state', 'set_rng_state', 'seed_everything', 'save_checkpoint', 'load_checkpoint', 'load_matching',
            'checkpoint_weights']
 
 # %% ../nbs/50_train_utils.ipynb #76c522cc
@@ -36,6 +36,7 @@ class OptimConfig:
     weight_decay: float = 5e-4     # never applied to norms and biases (see `param_groups`)
     backbone_lr_mult: float = 1.0  # DETRs train a pretrained backbone 10x slower (0.1)
     clip_grad_norm: float = 0.0    # 0 = off; DETRs clip at 0.1
+    fused: bool = True             # one fused update for all tensors (CPU and CUDA): ~4x faster than the per-tensor loop on CPU
 
 @dataclass
 class ScheduleConfig:
@@ -57,7 +58,9 @@ class LoopConfig:
     accumulate: int = 1            # gradient accumulation steps (a bigger batch on a small GPU)
     num_workers: int = 4
     seed: int = 0                  # data order and augmentation depend on (seed, epoch) only: exact resume
-    amp: bool = True               # bf16 on sm_80+, fp16 + grad scaler below, fp32 on CPU
+    amp: bool = True               # bf16 on sm_80+, fp16 + grad scaler below; fp32 on CPU unless `cpu_amp`
+    cpu_amp: bool = False          # bf16 autocast on a CPU with native bf16 (AVX512-BF16/AMX), fp32 elsewhere
+    channels_last: bool = False    # NHWC convolutions: oneDNN's and tensor cores' preferred layout for convnets
     ema: bool = True
     ema_decay: float = 0.9998      # YOLOX
     ema_warmup: float = 2000.0     # decay ramps as 1 - exp(-updates / ema_warmup), so early EMA follows the model
@@ -134,13 +137,21 @@ def config_from_dict(d: dict, cls=TrainConfig):
     return cls(**kwargs)
 
 # %% ../nbs/50_train_utils.ipynb #229e5401
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bf16 instructions that oneDNN uses (AVX512-BF16 or AMX)."""
+    try: return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError): return False
+
 def amp_policy(device: torch.device | str,  # where the model trains
                enabled: bool = True,        # False: always fp32 (the `--no-amp` flag)
                capability: tuple | None = None,  # (major, minor); read from the GPU when None
+               cpu_bf16: bool = False,      # on a CPU: bf16 autocast where `cpu_has_bf16()` (`loop.cpu_amp`)
               ) -> tuple:
     """(autocast dtype or None for fp32, whether a GradScaler is needed) for this device."""
     device = torch.device(device)
-    if not enabled or device.type != 'cuda': return None, False
+    if not enabled: return None, False
+    if device.type == 'cpu': return (torch.bfloat16 if cpu_bf16 and cpu_has_bf16() else None), False
+    if device.type != 'cuda': return None, False
     major, _ = capability or torch.cuda.get_device_capability(device)
     if major >= 8: return torch.bfloat16, False   # Ampere+: native bf16, no loss scaling
     return torch.float16, True                    # T4/V100: fp16 needs a grad scaler
@@ -196,8 +207,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int) -> to
     lr = cfg.lr * global_batch if cfg.lr_per_image else cfg.lr
     groups = param_groups(model, lr, cfg.weight_decay, cfg.backbone_lr_mult)
     if not groups: raise DetlearnError("no trainable parameters: is everything frozen?")
-    if cfg.name == 'sgd': return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    if cfg.name == 'adamw': return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
+    params = [p for g in groups for p in g['params']]
+    fused = {'fused': True} if cfg.fused and all(p.device.type in ('cpu', 'cuda') and p.is_floating_point()
+                                                 for p in params) else {}
+    if cfg.name == 'sgd': return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **fused)
+    if cfg.name == 'adamw': return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), **fused)
     raise DetlearnError(f"unknown optimizer {cfg.name!r}: use 'sgd' or 'adamw'")
 
 # %% ../nbs/50_train_utils.ipynb #265f2707
