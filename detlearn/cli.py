@@ -26,6 +26,7 @@ def _add_train(sub):
     p.add_argument('--val-ann'); p.add_argument('--val-images')
     p.add_argument('--epochs', type=int); p.add_argument('--batch-size', type=int)
     p.add_argument('--img-size', type=int); p.add_argument('--seed', type=int)
+    p.add_argument('--test-size', type=int, help='evaluation/inference size (default: the training size)')
     p.add_argument('-t', '--weights', help='start from these weights (fine-tuning; other class counts are fine)')
     p.add_argument('-r', '--resume', help='resume this training state (last.pth) exactly')
     p.add_argument('--work-dir', default='runs/train'); p.add_argument('--device', choices=['cpu', 'cuda'])
@@ -51,8 +52,11 @@ def _train_recipe(args):
     loop = recipe.train.loop
     if args.img_size:
         if args.img_size % 32: raise DetlearnError(f"--img-size must be a multiple of 32, got {args.img_size}")
-        recipe.img_size = args.img_size
+        recipe.img_size, recipe.test_size = args.img_size, None  # a recipe's test size was chosen for its own img_size
         if loop.multiscale: loop.multiscale = (max(32, args.img_size - 5 * 32), args.img_size + 5 * 32)
+    if args.test_size:
+        if args.test_size % 32: raise DetlearnError(f"--test-size must be a multiple of 32, got {args.test_size}")
+        recipe.test_size = args.test_size
     if args.epochs: loop.epochs = args.epochs; loop.eval_every = min(loop.eval_every, args.epochs)
     if args.batch_size: loop.batch_size = args.batch_size
     if args.seed is not None: loop.seed = args.seed
@@ -103,6 +107,7 @@ def _add_eval(sub):
     p.add_argument('--checkpoint', '-c', required=True); p.add_argument('--ann', required=True)
     p.add_argument('--images', required=True); p.add_argument('--json', help='write the numbers here')
     p.add_argument('--batch-size', type=int, default=8); p.add_argument('--device', choices=['cpu', 'cuda'])
+    p.add_argument('--img-size', type=int, help="input size (default: the checkpoint's, meta['img_size'])")
 
 def cmd_eval(args) -> int:
     """`detlearn eval`: the 12 COCO numbers and the per-class table (optionally as JSON)."""
@@ -112,7 +117,7 @@ def cmd_eval(args) -> int:
     from detlearn.train import predict_dataset
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     model, ckpt = model_from_checkpoint(args.checkpoint, device)
-    ds = CocoDetection(args.ann, args.images, eval_transforms_for(model, ckpt['meta'].get('img_size')))
+    ds = CocoDetection(args.ann, args.images, eval_transforms_for(model, args.img_size or ckpt['meta'].get('img_size')))
     if list(ds.cat_ids) != list(ckpt['cat_ids']):
         raise DetlearnError(f"{args.ann} has categories {ds.class_names} (ids {ds.cat_ids}) but the model was trained on "
                             f"{ckpt['class_names']} (ids {ckpt['cat_ids']})")
@@ -154,6 +159,7 @@ def _add_predict(sub):
     p.add_argument('--checkpoint', '-c', required=True); p.add_argument('inputs', nargs='+', metavar='IMAGES_OR_DIRS')
     p.add_argument('--out', required=True); p.add_argument('--threshold', type=float, default=0.3, help='for the pictures')
     p.add_argument('--device', choices=['cpu', 'cuda'])
+    p.add_argument('--img-size', type=int, help="input size (default: the checkpoint's, meta['img_size'])")
 
 def cmd_predict(args) -> int:
     """`detlearn predict`: annotated pictures + predictions.json (original category ids)."""
@@ -163,7 +169,7 @@ def cmd_predict(args) -> int:
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     model, ckpt = model_from_checkpoint(args.checkpoint, device)
     files, out = list_images(args.inputs), Path(args.out)
-    preds = predict_files(model, files, ckpt['meta'].get('img_size'), device)
+    preds = predict_files(model, files, args.img_size or ckpt['meta'].get('img_size'), device)
     results = []
     for i, (f, p) in enumerate(zip(files, preds)):
         image_id = int(f.stem) if f.stem.isdigit() else i + 1

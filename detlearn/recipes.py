@@ -23,13 +23,19 @@ from .utils import DetlearnError
 class Recipe:
     """What to train (model preset, input size), on which pipeline, with which `TrainConfig`."""
     model: str                        # a preset of detlearn.models.create, e.g. 'yolox_s'
-    img_size: int                     # training/evaluation input size (square, letterboxed)
+    img_size: int                     # training input size (square, letterboxed)
     train: TrainConfig = field(default_factory=TrainConfig)
     mosaic_prob: float = 1.0          # 0 = no Mosaic (then no MixUp either)
     mixup: bool = True                # YOLOX-nano/tiny train without MixUp
     mosaic_scale: tuple = (0.1, 2.0)  # random affine scale range after Mosaic
     official_ap: float | None = None  # COCO val2017 box AP of the official weights, for comparison
     model_overrides: dict = field(default_factory=dict)  # YOLOXConfig fields to change, e.g. {'width': 0.125}
+    test_size: int | None = None      # evaluation/inference input size; None = img_size
+
+    @property
+    def eval_size(self) -> int:
+        """The input size for evaluation and inference (what checkpoints record as `meta['img_size']`)."""
+        return self.test_size or self.img_size
 
 # %% ../nbs/50d_recipes.ipynb #a4f18d8c
 _YOLOX_COCO = {  # size: (img_size, mosaic_scale, mixup, official AP on val2017)
@@ -65,7 +71,9 @@ DEMO_MODEL = {'depthwise': False, 'width': 0.25}  # nano's width but plain convs
 
 def shapes_demo_recipe(epochs: int = 60, img_size: int = 192, model: str = 'yolox_nano',
                        model_overrides: dict | None = None, lr: float = 0.008,
-                       mosaic_prob: float = 0.5) -> Recipe:
+                       mosaic_prob: float = 0.5,
+                       test_size: int | None = None,  # None: one stride-32 step above img_size (192 -> 224)
+                      ) -> Recipe:
     """A YOLOX from scratch on the shapes sample, tuned for a few CPU minutes."""
     loop = LoopConfig(epochs=epochs, batch_size=8, num_workers=2, ema_decay=0.99, ema_warmup=50,
                       eval_every=max(1, epochs // 3),  # a few AP lines while it trains (60 val images: ~2 s each)
@@ -77,7 +85,8 @@ def shapes_demo_recipe(epochs: int = 60, img_size: int = 192, model: str = 'yolo
                                                 final_flat_epochs=0),
                         loop=loop)
     return Recipe(model, img_size, train, mosaic_prob=mosaic_prob, mixup=False, mosaic_scale=(0.5, 1.5),
-                  model_overrides=dict(DEMO_MODEL if model_overrides is None else model_overrides))
+                  model_overrides=dict(DEMO_MODEL if model_overrides is None else model_overrides),
+                  test_size=test_size or img_size + 32)
 
 RECIPES['shapes_demo'] = shapes_demo_recipe
 
@@ -95,7 +104,7 @@ def build_datasets(recipe: Recipe, train_ann, train_images, val_ann=None, val_im
     val = None
     if val_ann is not None:
         if val_images is None: raise DetlearnError("give the validation images folder with the annotation file")
-        val = CocoDetection(val_ann, val_images, yolox_transforms(False, recipe.img_size), drop_bad=drop_bad)
+        val = CocoDetection(val_ann, val_images, yolox_transforms(False, recipe.eval_size), drop_bad=drop_bad)
     return train, val
 
 # %% ../nbs/50d_recipes.ipynb #62b9be98
@@ -139,7 +148,7 @@ def build_trainer(model, train_dataset, eval_dataset=None, work_dir: str | Path 
     if isinstance(model, str):
         model = build_model(model, len(train_dataset.class_names), weights, recipe.model_overrides)
     elif weights is not None: load_weights(model, weights)
-    meta = {'model_name': recipe.model, 'img_size': recipe.img_size, 'num_classes': len(train_dataset.class_names),
+    meta = {'model_name': recipe.model, 'img_size': recipe.eval_size, 'train_img_size': recipe.img_size, 'num_classes': len(train_dataset.class_names),
             'model_overrides': dict(recipe.model_overrides)}
     return Trainer(model, train_dataset, eval_dataset, cfg=cfg, work_dir=work_dir, device=device,
                    meta=meta, progress=progress)
