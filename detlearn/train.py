@@ -309,6 +309,7 @@ def fit(self: Trainer, resume: str | Path | None = None,
     if resume: self.load_state(resume)
     loop = self.cfg.loop
     for epoch in range(self.epoch, min(loop.epochs, stop_after or loop.epochs)):
+        t0 = time.perf_counter()
         row = {'epoch': epoch + 1, 'step': 0} | self.train_one_epoch(epoch)
         self.epoch, row['step'] = epoch + 1, self.step
         is_best = False
@@ -320,6 +321,7 @@ def fit(self: Trainer, resume: str | Path | None = None,
             if is_best: self.best = score
             if self.info.is_main and self.progress:
                 print(f"epoch {self.epoch}: AP {result.stats['AP']:.3f}  AP50 {result.stats['AP50']:.3f}  loss {row['loss']:.3f}")
+        row['epoch_s'] = time.perf_counter() - t0  # wall time of the epoch and its evaluation: AP against time
         self.history.append(row); self.log.epoch(row)
         self._save(is_best)
     barrier()
