@@ -68,8 +68,9 @@ def run_demo(out_dir: str | Path = 'detlearn_demo', epochs: int = 50, img_size: 
     trainer = build_trainer(recipe.model, train_ds, val_ds, work_dir=out_dir, cfg_options=overrides,
                             recipe=recipe, device=device or ('cuda' if torch.cuda.is_available() else 'cpu'),
                             progress=progress)
+    precision = str(trainer.amp_dtype or torch.float32).removeprefix('torch.')  # fp32 on a CPU without bf16: slower
     if progress: print(f"training {recipe.model} at {img_size}px on {len(train_ds)} shapes images for {epochs} epochs "
-                       f"({trainer.info.device}); files go to {out_dir}/")
+                       f"({trainer.info.device}, {precision}); files go to {out_dir}/")
     trainer.fit()
     result = trainer.last_result
     results_json, pictures = write_outputs(trainer, CocoDetection(*val_files), out_dir)
