@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .train_utils import (LoopConfig, OptimConfig, ScheduleConfig, TrainConfig, apply_overrides,
@@ -146,7 +147,6 @@ def build_trainer(model, train_dataset, eval_dataset=None, work_dir: str | Path 
         eval_dataset = ev if eval_dataset is not None else None
     cfg = apply_overrides(recipe.train, cfg_options or {})
     if isinstance(model, str):
-        import torch
         torch.manual_seed(cfg.loop.seed)  # the initial weights follow loop.seed too: the same command trains the same network
         model = build_model(model, len(train_dataset.class_names), weights, recipe.model_overrides)
     elif weights is not None: load_weights(model, weights)

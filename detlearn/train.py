@@ -8,6 +8,7 @@ __all__ = ['TrainingDiverged', 'to_device', 'to_float32', 'resize_batch', 'Seede
 
 # %% ../nbs/50c_train.ipynb #e3d1e575
 import csv
+import hashlib
 import math
 import time
 from pathlib import Path
@@ -50,11 +51,6 @@ def resize_batch(images: Tensor, masks: Tensor | None, targets: list[dict], size
     return images, masks, targets
 
 # %% ../nbs/50c_train.ipynb #2284981a
-import hashlib
-import random
-
-import numpy as np
-
 class SeededSamples(torch.utils.data.Dataset):
     """`dataset`, with Python's and NumPy's generators re-seeded from (seed, epoch, index) before each sample."""
     def __init__(self, dataset, seed: int = 0):
@@ -64,8 +60,7 @@ class SeededSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         digest = hashlib.blake2b(f'{self.seed}/{self.epoch}/{index}'.encode(), digest_size=8).digest()
-        s = int.from_bytes(digest, 'little')
-        random.seed(s); np.random.seed(s % 2**32)
+        seed_everything(int.from_bytes(digest, 'little'), torch_rng=False)
         return self.dataset[index]
 
 # %% ../nbs/50c_train.ipynb #49e65a26

@@ -255,9 +255,10 @@ def set_rng_state(state: dict):
     np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['gauss']))
     if 'cuda' in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
 
-def seed_everything(seed: int):
-    """Seed Python, NumPy and torch (all devices)."""
-    random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
+def seed_everything(seed: int, torch_rng: bool = True):
+    """Seed Python, NumPy and (unless `torch_rng=False`) torch on all devices."""
+    random.seed(seed); np.random.seed(seed % 2**32)
+    if torch_rng: torch.manual_seed(seed)
 
 # %% ../nbs/50_train_utils.ipynb #5f519d76
 def save_checkpoint(state: dict, path: str | Path):
