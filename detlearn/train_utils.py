@@ -55,6 +55,7 @@ class LoopConfig:
     """How the training loop behaves."""
     epochs: int = 300
     batch_size: int = 16           # per process; the global batch is batch_size x world size x accumulate
+    eval_batch_size: int = 0       # per process, for evaluation; 0 = batch_size
     accumulate: int = 1            # gradient accumulation steps (a bigger batch on a small GPU)
     num_workers: int = 4
     seed: int = 0                  # data order and augmentation depend on (seed, epoch) only: exact resume

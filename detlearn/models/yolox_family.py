@@ -8,7 +8,7 @@ __all__ = ['YOLOX_RECIPES', 'OFFICIAL_RELEASE', 'YOLOX_PRESETS', 'YOLOX_OFFICIAL
            'read_official_yolox', 'yolox_official_to_detlearn', 'yolox_num_classes', 'coco80_label_space',
            'official_preprocess']
 
-# %% ../../nbs/23c_models_yolox_family.ipynb #0ac27073
+# %% ../../nbs/23c_models_yolox_family.ipynb #c38a7ecc
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +24,7 @@ from .yolox import YOLOX, YOLOXConfig, yolox_l, yolox_m, yolox_nano, yolox_s, yo
 from ..train_utils import LoopConfig, OptimConfig, ScheduleConfig, TrainConfig, load_checkpoint
 from ..utils import DetlearnError
 
-# %% ../../nbs/23c_models_yolox_family.ipynb #3c73d7a1
+# %% ../../nbs/23c_models_yolox_family.ipynb #7b50d770
 @dataclass
 class YOLOXAugment:
     """YOLOX's strong augmentation: Mosaic (+ random affine) and MixUp."""
@@ -61,7 +61,7 @@ def yolox_coco_recipe(size: str,  # nano, tiny, s, m, l or x
 
 YOLOX_RECIPES = {f'yolox_{s}_300e_coco': (lambda s=s: yolox_coco_recipe(s)) for s in _YOLOX_COCO}
 
-# %% ../../nbs/23c_models_yolox_family.ipynb #f3a3f3b3
+# %% ../../nbs/23c_models_yolox_family.ipynb #3143a25d
 def yolox_train_dataset(raw: Dataset,  # a CocoDetection built with transforms=None
                         recipe: Recipe) -> Dataset:
     """The YOLOX training set: Mosaic + affine + MixUp, then HSV, flip and letterbox."""
@@ -90,7 +90,7 @@ def yolox_start_epoch(model: nn.Module, dataset: Dataset, epoch: int, cfg: Train
         dataset.close_mosaic()
     model.use_l1 = True
 
-# %% ../../nbs/23c_models_yolox_family.ipynb #dec1ecd5
+# %% ../../nbs/23c_models_yolox_family.ipynb #bc13870e
 def read_official_yolox(path: str | Path,  # an official YOLOX .pth (or a bare state_dict file)
                        ) -> dict[str, Tensor]:  # the weights, official names
     """The weights of an official YOLOX checkpoint (`ckpt['model']`)."""
@@ -124,7 +124,7 @@ def coco80_label_space(num_classes: int) -> tuple[list[str], list[int]]:
         return [name for _, name in cats], [cid for cid, _ in cats]
     return [f'class_{k}' for k in range(num_classes)], list(range(1, num_classes + 1))
 
-# %% ../../nbs/23c_models_yolox_family.ipynb #a0ae58ce
+# %% ../../nbs/23c_models_yolox_family.ipynb #a7fc8df0
 def official_preprocess(image: np.ndarray,  # (h, w, 3) uint8
                         test_size: int | tuple[int, int],  # S or (S_h, S_w), e.g. model.cfg.test_size
                         legacy: bool = False,  # 0.1.0 weights: RGB, /255, ImageNet mean/std
@@ -140,7 +140,7 @@ def official_preprocess(image: np.ndarray,  # (h, w, 3) uint8
     h, w = rgb.shape[:2]
     return x[None], min(size[0] / h, size[1] / w)
 
-# %% ../../nbs/23c_models_yolox_family.ipynb #848f6ed2
+# %% ../../nbs/23c_models_yolox_family.ipynb #a6290934
 OFFICIAL_RELEASE = 'https://github.com/Megvii-BaseDetection/YOLOX/releases/download/0.1.1rc0'
 
 YOLOX_PRESETS = {'yolox_nano': yolox_nano, 'yolox_tiny': yolox_tiny, 'yolox_s': yolox_s,
