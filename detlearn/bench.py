@@ -35,9 +35,15 @@ def _synthetic_batch(batch: int, size: int, num_classes: int, device) -> tuple:
 
 class _OneBatch(torch.utils.data.Dataset):
     """A dataset of `n` copies of one item, so that the Trainer can be built."""
-    def __init__(self, n): self.n = n
-    def __len__(self): return self.n
-    def __getitem__(self, i): return torch.zeros(1), {}
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.zeros(1), {}
+
 
 def bench_trainer(model: str = 'yolox_nano', img_size: int = 256, batch_size: int = 8, steps: int = 10,
                   device: str | None = None, num_classes: int = 4, print_table: bool = True) -> dict:

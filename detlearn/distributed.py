@@ -24,9 +24,13 @@ class DistInfo:
     device: torch.device = torch.device('cpu')
 
     @property
-    def is_main(self) -> bool: return self.rank == 0
+    def is_main(self) -> bool:
+        return self.rank == 0
+
     @property
-    def distributed(self) -> bool: return self.world_size > 1
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
 
 def setup_distributed(device: str | None = None,  # 'cpu', 'cuda' or None (cuda when available)
                      ) -> DistInfo:

@@ -7,8 +7,6 @@ __all__ = ['STAT_NAMES', 'load_coco_gt', 'to_coco_results', 'EvalResult', 'evalu
            'pr_curves', 'plot_pr_curves', 'ConfusionMatrix', 'confusion_matrix', 'plot_confusion_matrix']
 
 # %% ../nbs/07_evaluation.ipynb #685083b6
-import contextlib
-import io
 import json
 import warnings
 from collections import defaultdict
@@ -22,15 +20,11 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from .boxes import box_iou, box_xywh_to_xyxy, box_xyxy_to_xywh
-from .data.coco import load_coco_json
+from .data.coco import coco_index, load_coco_json, quiet_pycocotools
 from .utils import DetlearnError
 
 # %% ../nbs/07_evaluation.ipynb #bf24cbe7
 STAT_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl')
-
-def _quiet():
-    """Swallow pycocotools' progress prints."""
-    return contextlib.redirect_stdout(io.StringIO())
 
 def _with_defaults(ann: dict) -> dict:
     """An annotation with COCOeval's required 'iscrowd' and 'area' (box area) filled in if missing."""
@@ -49,11 +43,7 @@ def load_coco_gt(coco_gt: COCO | dict | str | Path,  # a COCO object, an annotat
     if not isinstance(coco_gt, dict) or 'images' not in coco_gt or 'categories' not in coco_gt:
         raise DetlearnError("Ground truth must be a COCO object, or a dict / JSON file with "
                             "'images', 'annotations' and 'categories'.")
-    coco = COCO()
-    coco.dataset = {**coco_gt, 'annotations': [_with_defaults(a) for a in coco_gt.get('annotations', [])]}
-    with _quiet():
-        coco.createIndex()
-    return coco
+    return coco_index({**coco_gt, 'annotations': [_with_defaults(a) for a in coco_gt.get('annotations', [])]})
 
 # %% ../nbs/07_evaluation.ipynb #8ed48824
 def _as_list(x, shape: tuple) -> list:
@@ -105,14 +95,10 @@ def _check_results(coco_gt: COCO, results: Sequence[dict]) -> None:
 def _load_results(coco_gt: COCO, results: Sequence[dict]) -> COCO:
     """The detections as a COCO object; an empty list gives an empty set (loadRes([]) would crash)."""
     if results:
-        with _quiet():
+        with quiet_pycocotools():
             return coco_gt.loadRes([dict(r) for r in results])  # copies: loadRes edits dicts
-    coco_dt = COCO()
-    coco_dt.dataset = {'images': coco_gt.dataset['images'], 'categories': coco_gt.dataset['categories'],
-                       'annotations': []}
-    with _quiet():
-        coco_dt.createIndex()
-    return coco_dt
+    return coco_index({'images': coco_gt.dataset['images'], 'categories': coco_gt.dataset['categories'],
+                       'annotations': []})
 
 # %% ../nbs/07_evaluation.ipynb #4c8f3ab9
 @dataclass(repr=False)
@@ -186,7 +172,7 @@ def evaluate_coco(coco_gt: COCO | dict | str | Path,  # ground truth (COCO objec
     coco_eval = COCOeval(coco_gt, _load_results(coco_gt, results), 'bbox')
     if img_ids is not None:
         coco_eval.params.imgIds = sorted({int(i) for i in img_ids})
-    with _quiet():
+    with quiet_pycocotools():
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()
@@ -265,14 +251,14 @@ def plot_pr_curves(curves: PRCurves, ax=None):
     """Draw one precision-recall curve per class, AP in the legend; returns the axes."""
     import matplotlib.pyplot as plt
     if ax is None:
-        ax = plt.subplots(figsize=(4, 3.5), dpi=70)[1]
+        ax = plt.subplots(figsize=(4, 3.5), dpi=100)[1]
     for name, precision in zip(curves.class_names, curves.precision):
         if np.isnan(precision).all():
             continue
         ax.plot(curves.recall, precision, label=f"{name} ({np.nanmean(precision):.2f})")
     ax.set(xlabel='recall', ylabel='precision', xlim=(0, 1), ylim=(0, 1.02),
            title=f"PR curves, IoU {curves.iou_threshold:.2f} (AP)")
-    ax.legend(fontsize=8, loc='lower left')
+    ax.legend(fontsize=9, loc='lower left')
     return ax
 
 # %% ../nbs/07_evaluation.ipynb #94baf94d
@@ -341,12 +327,12 @@ def plot_confusion_matrix(cm: ConfusionMatrix, normalize: bool = True, ax=None):
     if normalize:
         values = values / np.maximum(values.sum(1, keepdims=True), 1)
     if ax is None:
-        ax = plt.subplots(figsize=(4, 3.6), dpi=70)[1]
+        ax = plt.subplots(figsize=(4, 3.6), dpi=100)[1]
     ax.imshow(values, cmap='Blues', vmin=0)
     for (i, j), v in np.ndenumerate(values):
         if cm.matrix[i, j]:
             ax.text(j, i, f"{v:.2f}" if normalize else str(cm.matrix[i, j]), ha='center', va='center',
-                    fontsize=8, color='white' if v > 0.6 * values.max() else 'black')
+                    fontsize=9, color='white' if v > 0.6 * values.max() else 'black')
     ax.set_xticks(range(len(names)), names, rotation=45, ha='right')
     ax.set_yticks(range(len(names)), names)
     ax.set(xlabel='predicted', ylabel='ground truth',

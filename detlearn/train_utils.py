@@ -34,7 +34,8 @@ class OptimConfig:
     nesterov: bool = True          # YOLOX: SGD with Nesterov momentum
     betas: tuple = (0.9, 0.999)    # AdamW only
     weight_decay: float = 5e-4     # never applied to norms and biases (see `param_groups`)
-    backbone_lr_mult: float = 1.0  # DETRs train a pretrained backbone 10x slower (0.1)
+    # lr factor of parameters named 'backbone.*' (YOLOX: with the PAFPN neck); DETRs use 0.1
+    backbone_lr_mult: float = 1.0
     clip_grad_norm: float = 0.0    # 0 = off; DETRs clip at 0.1
     # one fused update for all tensors (CPU and CUDA): ~4x faster than the per-tensor loop on CPU
     fused: bool = True
@@ -72,7 +73,8 @@ class LoopConfig:
     best_metric: str = 'AP'        # key of the evaluation stats that decides best.pth
     no_aug_epochs: int = 15        # YOLOX: last epochs without Mosaic/MixUp and with the L1 loss
     multiscale: tuple = ()         # (min, max) input size in pixels, multiple of 32; () = off
-    freeze_backbone: bool = False  # fine-tune only the neck and head
+    # freeze parameters named 'backbone.*': DINO/D-FINE then train neck/encoder and head, YOLOX the head only
+    freeze_backbone: bool = False
     sync_bn: bool = False          # under torchrun: share BatchNorm statistics across GPUs
     max_bad_steps: int = 20        # stop after this many non-finite losses
     log_every: int = 20            # iterations between progress-bar/TensorBoard updates
@@ -209,7 +211,9 @@ class ModelEMA:
         if avg_f:
             torch._foreach_lerp_(avg_f, new_f, 1 - d)  # avg += (1 - d) (new - avg), all tensors at once
 
-    def state_dict(self) -> dict: return {'module': self.module.state_dict(), 'updates': self.updates}
+    def state_dict(self) -> dict:
+        return {'module': self.module.state_dict(), 'updates': self.updates}
+
     def load_state_dict(self, state: dict):
         self.module.load_state_dict(state['module'])
         self.updates = int(state['updates'])

@@ -34,13 +34,15 @@ _TAB10 = [
 
 def class_color(label: int) -> str:
     """A fixed hex colour for a class label: tab10 for the first ten, golden-ratio hues after."""
-    if label < len(_TAB10): return _TAB10[label]
+    if label < len(_TAB10):
+        return _TAB10[label]
     r, g, b = colorsys.hsv_to_rgb((label * 0.6180339887) % 1.0, 0.75, 0.95)
     return f'#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}'
 
 def to_numpy(x) -> np.ndarray:
     """A torch tensor (any device) or array-like as a numpy array."""
-    if hasattr(x, 'detach'): x = x.detach().cpu().numpy()
+    if hasattr(x, 'detach'):
+        x = x.detach().cpu().numpy()
     return np.asarray(x)
 
 def to_display_image(image) -> np.ndarray:
@@ -50,7 +52,8 @@ def to_display_image(image) -> np.ndarray:
         image = image.transpose(1, 2, 0)  # (3, H, W) -> (H, W, 3)
     if image.dtype != np.uint8:
         image = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
-    if image.ndim == 2 or image.shape[-1] == 1: image = np.repeat(image.reshape(*image.shape[:2], 1), 3, 2)
+    if image.ndim == 2 or image.shape[-1] == 1:
+        image = np.repeat(image.reshape(*image.shape[:2], 1), 3, 2)
     return image
 
 # %% ../nbs/08_viz.ipynb #edc57bc4
@@ -102,7 +105,7 @@ def draw_detections(image,                    # (H, W, 3) uint8 or (3, H, W) flo
                     color_by: str = 'label',  # 'label', 'index', or a fixed matplotlib colour
                     linestyle: str = '-',
                     linewidth: float = 2.0,   # points
-                    fontsize: float = 8.0,
+                    fontsize: float = 9.0,   # points; 9 stays readable in a notebook
                     caption: str = 'above'):  # where the 'name score' tag goes: 'above', 'below' or 'none'
     """Draw an image with its boxes, class names and scores; returns the Axes."""
     image = to_display_image(image)
@@ -146,7 +149,7 @@ def image_grid(items,
                class_names=None,
                size: float = 2.5,        # inches per panel
                score_threshold: float = 0.0,
-               dpi: int = 70):
+               dpi: int = 100):
     """A pyplot figure with one panel per (image, target), boxes drawn with `draw_detections`."""
     import matplotlib.pyplot as plt
     items = list(items)
@@ -159,9 +162,9 @@ def image_grid(items,
     for ax, (image, target) in zip(axes.flat, items):
         ax.imshow(to_display_image(image), interpolation='nearest')
         draw_detections(image, target['boxes'], target['labels'], target.get('scores'), class_names, ax=ax,
-                        score_threshold=score_threshold, linewidth=1.5, fontsize=6)
+                        score_threshold=score_threshold, linewidth=1.5, fontsize=9)
         if 'image_id' in target:
-            ax.set_title(f"image {int(target['image_id'])}", fontsize=7)
+            ax.set_title(f"image {int(target['image_id'])}", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -175,7 +178,7 @@ def save_detections(path: str | Path,        # .png or .jpg
     image = to_display_image(image)
     fig, ax = pixel_figure(image, scale)
     draw_detections(image, boxes, labels, scores, class_names, ax=ax, score_threshold=score_threshold,
-                    linewidth=max(1.0, 1.5 * scale), fontsize=max(6.0, 6 * scale))
+                    linewidth=max(1.0, 1.5 * scale), fontsize=max(9.0, 9 * scale))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=fig.dpi)
     return path

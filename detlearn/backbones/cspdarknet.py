@@ -48,7 +48,8 @@ class DWConv(nn.Module):
         self.dconv = BaseConv(in_channels, in_channels, ksize, stride, groups=in_channels, act=act)
         self.pconv = BaseConv(in_channels, out_channels, 1, 1, act=act)
 
-    def forward(self, x: Tensor) -> Tensor: return self.pconv(self.dconv(x))
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pconv(self.dconv(x))
 
 # %% ../../nbs/20_backbones_cspdarknet.ipynb #ea6799f5
 def space_to_depth(x: Tensor,  # (B, C, H, W), H and W even

@@ -61,7 +61,8 @@ class Problem:
     ann_id: Optional[int] = None
 
     @property
-    def severity(self) -> str: return PROBLEM_KINDS[self.kind][0]
+    def severity(self) -> str:
+        return PROBLEM_KINDS[self.kind][0]
 
 # %% ../../nbs/04_data_doctor.ipynb #4b690598
 class DatasetError(DetlearnError):
@@ -77,7 +78,9 @@ class DatasetReport:
             counts,
         )
 
-    def _by(self, severity: str) -> list: return [p for p in self.problems if p.severity == severity]
+    def _by(self, severity: str) -> list:
+        return [p for p in self.problems if p.severity == severity]
+
     @property
     def errors(self) -> list:
         return self._by('error')

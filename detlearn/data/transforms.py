@@ -91,10 +91,14 @@ def hflip(image: np.ndarray, target: dict):
 
 class RandomHorizontalFlip:
     """Flip left-right with probability `p`."""
-    def __init__(self, p: float = 0.5): self.p = p
+    def __init__(self, p: float = 0.5):
+        self.p = p
+
     def __call__(self, image, target):
         return hflip(image, target) if random.random() < self.p else (image, target)
-    def __repr__(self): return f'RandomHorizontalFlip(p={self.p})'
+
+    def __repr__(self):
+        return f'RandomHorizontalFlip(p={self.p})'
 
 # %% ../../nbs/05_data_transforms.ipynb #db871809
 def resize_image(image: np.ndarray,  # (H, W, 3) uint8
@@ -143,7 +147,9 @@ class Resize:
             size_hw = self.size
         return resize(image, target, size_hw, self.backend)
 
-    def __repr__(self): return f'Resize({self.size}, max_size={self.max_size}, backend={self.backend!r})'
+    def __repr__(self):
+        return f'Resize({self.size}, max_size={self.max_size}, backend={self.backend!r})'
+
 
 class RandomResize:
     """Resize the shorter side to a size drawn from `sizes` (multi-scale training), longer <= `max_size`."""
@@ -153,7 +159,8 @@ class RandomResize:
     def __call__(self, image, target):
         return Resize(random.choice(self.sizes), self.max_size, self.backend)(image, target)
 
-    def __repr__(self): return f'RandomResize({self.sizes}, max_size={self.max_size})'
+    def __repr__(self):
+        return f'RandomResize({self.sizes}, max_size={self.max_size})'
 
 # %% ../../nbs/05_data_transforms.ipynb #c4a5294b
 def crop(image: np.ndarray, target: dict, top: int, left: int, height: int, width: int):
@@ -167,7 +174,8 @@ def crop(image: np.ndarray, target: dict, top: int, left: int, height: int, widt
 
 class RandomSizeCrop:
     """Crop a random window with sides in [min_size, max_size] (limited by the image), as DETR does."""
-    def __init__(self, min_size: int, max_size: int): self.min_size, self.max_size = min_size, max_size
+    def __init__(self, min_size: int, max_size: int):
+        self.min_size, self.max_size = min_size, max_size
 
     def __call__(self, image, target):
         h, w = image.shape[:2]
@@ -176,11 +184,14 @@ class RandomSizeCrop:
         top, left = random.randint(0, h - ch), random.randint(0, w - cw)
         return crop(image, target, top, left, ch, cw)
 
-    def __repr__(self): return f'RandomSizeCrop({self.min_size}, {self.max_size})'
+    def __repr__(self):
+        return f'RandomSizeCrop({self.min_size}, {self.max_size})'
+
 
 class SanitizeBoxes:
     """Clip boxes to the image and drop degenerate ones (non-finite, width or height < `min_size` px)."""
-    def __init__(self, min_size: float = 1.0): self.min_size = min_size
+    def __init__(self, min_size: float = 1.0):
+        self.min_size = min_size
 
     def __call__(self, image, target):
         h, w = image.shape[:2]
@@ -192,7 +203,8 @@ class SanitizeBoxes:
         keep &= (boxes[:, 2] - boxes[:, 0] >= self.min_size) & (boxes[:, 3] - boxes[:, 1] >= self.min_size)
         return image, select_boxes(with_boxes(target, boxes, (h, w)), keep)
 
-    def __repr__(self): return f'SanitizeBoxes(min_size={self.min_size})'
+    def __repr__(self):
+        return f'SanitizeBoxes(min_size={self.min_size})'
 
 # %% ../../nbs/05_data_transforms.ipynb #767f66eb
 class RandomSelect:
@@ -203,7 +215,8 @@ class RandomSelect:
     def __call__(self, image, target):
         return (self.first if random.random() < self.p else self.second)(image, target)
 
-    def __repr__(self): return f'RandomSelect(p={self.p},\n    {self.first!r},\n    {self.second!r})'
+    def __repr__(self):
+        return f'RandomSelect(p={self.p},\n    {self.first!r},\n    {self.second!r})'
 
 # %% ../../nbs/05_data_transforms.ipynb #35fa794e
 def letterbox(image: np.ndarray,  # (h, w, 3) uint8
@@ -230,7 +243,8 @@ class Letterbox:
         sx, sy = int(w * r) / w, int(h * r) / h  # the true pixel scale: int() can lose a pixel (see below)
         return out, with_boxes(target, target['boxes'] * np.float32([sx, sy, sx, sy]), out.shape[:2])
 
-    def __repr__(self): return f'Letterbox({self.size}, pad_value={self.pad_value})'
+    def __repr__(self):
+        return f'Letterbox({self.size}, pad_value={self.pad_value})'
 
 # %% ../../nbs/05_data_transforms.ipynb #89e38a79
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, for pixels in [0, 1]

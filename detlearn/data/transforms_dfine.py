@@ -48,7 +48,8 @@ class RandomPhotometricDistort:
             out = np.ascontiguousarray(out[..., random.sample(range(3), 3)])
         return out, target
 
-    def __repr__(self): return f'RandomPhotometricDistort(p={self.p})'
+    def __repr__(self):
+        return f'RandomPhotometricDistort(p={self.p})'
 
 # %% ../../nbs/05c_data_transforms_dfine.ipynb #5f6be72d
 def zoom_out(image: np.ndarray, target: dict, ratio: float, u_xy: tuple[float, float], fill: int = 0):
@@ -72,7 +73,8 @@ class RandomZoomOut:
             image, target, random.uniform(*self.side_range), (random.random(), random.random()), self.fill
         )
 
-    def __repr__(self): return f'RandomZoomOut(fill={self.fill}, side_range={self.side_range}, p={self.p})'
+    def __repr__(self):
+        return f'RandomZoomOut(fill={self.fill}, side_range={self.side_range}, p={self.p})'
 
 # %% ../../nbs/05c_data_transforms_dfine.ipynb #0fdc23c3
 def iou_with_window(boxes_xyxy: np.ndarray,  # (G, 4)
@@ -136,7 +138,8 @@ class RandomIoUCrop:
                 return crop(image, select_boxes(target, inside), top, left, nh, nw)
         return image, target
 
-    def __repr__(self): return f'RandomIoUCrop(options={self.options}, p={self.p})'
+    def __repr__(self):
+        return f'RandomIoUCrop(options={self.options}, p={self.p})'
 
 # %% ../../nbs/05c_data_transforms_dfine.ipynb #19a257b8
 class StopEpochCompose(Compose):

@@ -50,7 +50,8 @@ class RandomHSV:
     def __call__(self, image, target):
         return (augment_hsv(image, *self.gains), target) if random.random() < self.p else (image, target)
 
-    def __repr__(self): return f'RandomHSV(gains={self.gains}, p={self.p})'
+    def __repr__(self):
+        return f'RandomHSV(gains={self.gains}, p={self.p})'
 
 # %% ../../nbs/05b_data_transforms_yolox.ipynb #d967ab27
 def affine_matrix(size_hw: tuple[int, int], degrees: float, translate: float,
@@ -212,13 +213,15 @@ class MosaicMixupDataset(torch.utils.data.Dataset):
             if hasattr(dataset, name):
                 setattr(self, name, getattr(dataset, name))
 
-    def __len__(self) -> int: return len(self.dataset)
+    def __len__(self) -> int:
+        return len(self.dataset)
 
     def close_mosaic(self) -> None:
         """Switch Mosaic and MixUp off (YOLOX's last epochs): train on the distribution seen at evaluation."""
         self.mosaic_enabled = False
 
-    def _random_sample(self): return self.dataset[random.randrange(len(self.dataset))]
+    def _random_sample(self):
+        return self.dataset[random.randrange(len(self.dataset))]
 
     def mix(self, index: int):
         """The (image, target) after Mosaic, affine and MixUp, before the per-sample transforms."""

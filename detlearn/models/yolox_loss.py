@@ -14,7 +14,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..assign.simota import simota_assign
-from ..boxes import box_xyxy_to_cxcywh
+from detlearn.boxes import (
+    aligned_box_iou,
+    aligned_generalized_box_iou,
+    box_cxcywh_to_xyxy,
+    box_xyxy_to_cxcywh,
+)
 from ..utils import DetlearnError
 
 # %% ../../nbs/23_models_yolox_loss.ipynb #94d4a57c
@@ -25,19 +30,10 @@ def iou_loss(pred_cxcywh: Tensor,    # (M, 4) predicted boxes, cx, cy, w, h
     """IoU loss of aligned box pairs: 1 - IoU^2, or 1 - GIoU (clamped like the official code)."""
     if iou_type not in ('iou', 'giou'):
         raise DetlearnError(f"iou_type must be 'iou' or 'giou', got {iou_type!r}")
-    p_lo, p_hi = pred_cxcywh[:, :2] - pred_cxcywh[:, 2:] / 2, pred_cxcywh[:, :2] + pred_cxcywh[:, 2:] / 2
-    t_lo, t_hi = (
-        target_cxcywh[:, :2] - target_cxcywh[:, 2:] / 2,
-        target_cxcywh[:, :2] + target_cxcywh[:, 2:] / 2,
-    )
-    inter = (torch.min(p_hi, t_hi) - torch.max(p_lo, t_lo)).clamp(min=0).prod(1)   # (M,)
-    union = pred_cxcywh[:, 2:].prod(1) + target_cxcywh[:, 2:].prod(1) - inter
-    iou = inter / (union + 1e-16)
+    pred_xyxy, target_xyxy = box_cxcywh_to_xyxy(pred_cxcywh), box_cxcywh_to_xyxy(target_cxcywh)  # (M, 4)
     if iou_type == 'iou':
-        return 1 - iou ** 2
-    enclosing = (torch.max(p_hi, t_hi) - torch.min(p_lo, t_lo)).prod(1)
-    giou = iou - (enclosing - union) / enclosing.clamp(min=1e-16)
-    return 1 - giou.clamp(min=-1.0, max=1.0)
+        return 1 - aligned_box_iou(pred_xyxy, target_xyxy) ** 2
+    return 1 - aligned_generalized_box_iou(pred_xyxy, target_xyxy).clamp(min=-1.0, max=1.0)
 
 # %% ../../nbs/23_models_yolox_loss.ipynb #f3592044
 def yolox_l1_target(gt_cxcywh: Tensor,  # (F, 4) matched gt boxes, input pixels
