@@ -34,7 +34,8 @@ PROBLEM_KINDS = {  # kind: (severity, how to fix)
     'empty_box': ('error', "the box has zero or negative width/height; fix or delete the annotation"),
     'box_outside': (
         'error',
-        "boxes must lie inside the image; check the box format (xywh pixels) and the image size, or clip the box",
+        "boxes must lie inside the image; check the box format (xywh pixels) and the image size, "
+        "or clip the box",
     ),
     'unknown_category': ('error', "declare the category in 'categories' or delete the annotation"),
     'unknown_image': (
@@ -71,12 +72,10 @@ class DatasetError(DetlearnError):
 class DatasetReport:
     """The dataset doctor's findings: problems by severity, a printable table, and an error to raise."""
     def __init__(self, ann_name: str, images_dir: Path, problems: list, counts: dict):
-        self.ann_name, self.images_dir, self.problems, self.counts = (
-            ann_name,
-            Path(images_dir),
-            problems,
-            counts,
-        )
+        self.ann_name = ann_name
+        self.images_dir = Path(images_dir)
+        self.problems = problems
+        self.counts = counts  # number of images, annotations and categories
 
     def _by(self, severity: str) -> list:
         return [p for p in self.problems if p.severity == severity]
@@ -174,17 +173,18 @@ def _check_file(img: dict, images_dir: Path, decode: bool) -> list:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         return [Problem('unreadable_file', f"cannot decode {path}: {e}", **where)]
     if (h, w) != (img['height'], img['width']):
-        return [
-            Problem(
-                'size_mismatch',
-                f"recorded {img['width']}x{img['height']} (w x h) but the file is {w}x{h} "
-                "after EXIF orientation",
-                **where,
-            )
-        ]
+        message = (f"recorded {img['width']}x{img['height']} (w x h) but the file is {w}x{h} "
+                   "after EXIF orientation")
+        return [Problem('size_mismatch', message, **where)]
     return []
 
 # %% ../../nbs/04_data_doctor.ipynb #0b62d0f6
+def _is_xywh(b) -> bool:
+    """True when `b` is a list or tuple of 4 finite numbers."""
+    if not (isinstance(b, (list, tuple)) and len(b) == 4):
+        return False
+    return all(isinstance(v, (int, float)) and v == v and abs(v) != float('inf') for v in b)
+
 def _check_annotation(ann: dict, images: dict, cat_ids: set, tolerance: float) -> list:
     """Unknown image/category, malformed, empty or out-of-image box for one annotation."""
     img = images.get(ann['image_id'])
@@ -193,19 +193,10 @@ def _check_annotation(ann: dict, images: dict, cat_ids: set, tolerance: float) -
     if img is None:
         out.append(Problem('unknown_image', f"image_id {ann['image_id']} is not in 'images'", **where))
     if ann['category_id'] not in cat_ids:
-        out.append(
-            Problem(
-                'unknown_category',
-                f"category_id {ann['category_id']} is not declared in 'categories'",
-                **where,
-            )
-        )
+        message = f"category_id {ann['category_id']} is not declared in 'categories'"
+        out.append(Problem('unknown_category', message, **where))
     b = ann['bbox']
-    if not (
-        isinstance(b, (list, tuple))
-        and len(b) == 4
-        and all(isinstance(v, (int, float)) and v == v and abs(v) != float('inf') for v in b)
-    ):
+    if not _is_xywh(b):
         return out + [Problem('bad_bbox', f"bbox {b!r} is not 4 finite numbers", **where)]
     x, y, w, h = b
     if w <= 0 or h <= 0:
@@ -235,14 +226,8 @@ def check_dataset(ann_file: Union[str, Path, dict],  # a COCO json file, or its 
     for img in data['images']:
         problems += _check_file(img, images_dir, decode)
         if n_objects[img['id']] == 0:
-            problems.append(
-                Problem(
-                    'no_objects',
-                    'no (non-crowd) annotations',
-                    file_name=img['file_name'],
-                    image_id=img['id'],
-                )
-            )
+            where = dict(file_name=img['file_name'], image_id=img['id'])
+            problems.append(Problem('no_objects', 'no (non-crowd) annotations', **where))
     for ann in data['annotations']:
         problems += _check_annotation(ann, images, cat_ids, tolerance)
     counts = {k: len(data[k]) for k in ('images', 'annotations', 'categories')}
