@@ -10,6 +10,7 @@ __all__ = ['STAT_NAMES', 'load_coco_gt', 'to_coco_results', 'EvalResult', 'evalu
 import json
 import warnings
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -101,14 +102,24 @@ def _load_results(coco_gt: COCO, results: Sequence[dict]) -> COCO:
                        'annotations': []})
 
 # %% ../nbs/07_evaluation.ipynb #4c8f3ab9
-@dataclass(repr=False)
-class EvalResult:
+@dataclass(repr=False, eq=False)
+class EvalResult(Mapping):
     """COCO box metrics: the 12 standard numbers, a per-class table and COCOeval's precision array."""
     # AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl (-1: nothing to measure)
     stats: dict[str, float]
     per_class: list[dict]  # rows: class, category_id, AP, AP50, num_gt (AP -1 if the class has no GT)
     precision: np.ndarray | None = None  # (T, R, K, A, M) COCOeval.eval['precision']
     iou_thresholds: np.ndarray | None = None  # (T,) 0.5, 0.55, ..., 0.95
+
+    def __getitem__(self, name: str) -> float:
+        """`result['AP']`: the result reads like the metrics dict other trainers return."""
+        return self.stats[name]
+
+    def __iter__(self):
+        return iter(self.stats)
+
+    def __len__(self) -> int:
+        return len(self.stats)
 
     def table(self) -> str:
         """The per-class table and the overall AP as readable text."""
