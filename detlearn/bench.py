@@ -78,7 +78,7 @@ def bench_trainer(model: str = 'yolox_nano', img_size: int = 256, batch_size: in
     for i in range(steps + 2):
         for name, fn in (
             ('bare', bare_step),
-            ('trainer', lambda: trainer._train_step(images, masks, targets, i)),
+            ('trainer', lambda: trainer.engine.step(images, masks, targets)),
         ):
             if dev.type == 'cuda':
                 torch.cuda.synchronize()
