@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -136,32 +136,75 @@ def random_msda_inputs(batch: int, queries: int, heads: int, channels: int,
 # %% ../../nbs/10_ops_msda.ipynb #935586b5
 _log = logging.getLogger('detlearn')
 _announced: set[str] = set()
+_kernel_failures: dict[str, str] = {}  # 'device-dtype' -> why the kernel cannot run there
+_kernel_ready: set[str] = set()        # 'device-dtype' where the kernel was built and ran
+
+def _is_compiling() -> bool:
+    """True while torch.compile traces (torch.compiler.is_compiling exists from torch 2.3)."""
+    is_compiling = getattr(getattr(torch, 'compiler', None), 'is_compiling', None)
+    return bool(is_compiling and is_compiling())
 
 def _announce_once(key: str, message: str, warn: bool) -> None:
     """Say which implementation runs, once per process."""
-    if key in _announced: return
+    if key in _announced:
+        return
     _announced.add(key)
-    if warn: warnings.warn(message, stacklevel=3)
-    else: _log.info(message)
+    if warn:
+        warnings.warn(message, stacklevel=4)  # the caller of ms_deform_attn
+    else:
+        _log.info(message)
 
-def _kernel_or_none(value: Tensor):
-    """`detlearn.ops.msda_cupy.ms_deform_attn_cupy` when CuPy imports and the kernel compiles for value's device and dtype, else None."""
+def _kernel_or_reason(value: Tensor) -> tuple[Callable | None, str]:
+    """(ms_deform_attn_cupy, '') when CuPy imports and the kernels build for value's device/dtype, else (None, why)."""
+    key = f'{value.device}-{value.dtype}'
+    if key in _kernel_failures:  # failed before: don't retry on every call
+        return None, _kernel_failures[key]
     try:
         import cupy  # noqa: F401  (imported here, never at module import)
-    except ImportError:
-        return None
-    from detlearn.ops import msda_cupy
-    key = f'compile-{value.device}-{value.dtype}'
-    if key in _announced: return None  # compiling failed before: don't retry on every call
-    try:
+        from detlearn.ops import msda_cupy
         msda_cupy.compile_kernels(value.device, value.dtype)
-    except Exception as e:  # NVRTC missing or failing on this machine: the reference still works
-        _announce_once(key, f'detlearn: the CuPy kernel could not be compiled for {value.device} / {value.dtype}, so '
-                       f'multi-scale deformable attention runs the PyTorch reference. Error: {e}', warn=True)
-        return None
-    return msda_cupy.ms_deform_attn_cupy
+        return msda_cupy.ms_deform_attn_cupy, ''
+    except ImportError as e:
+        reason = (f'CuPy could not be imported ({e}); install it with `pip install cupy-cuda12x` (CUDA 12) '
+                  'or `pip install cupy-cuda13x` (CUDA 13)')
+    except Exception as e:  # NVRTC missing or failing, a broken CUDA install: the reference still works
+        reason = f'the CuPy kernel could not be built for {value.device} / {value.dtype} ({type(e).__name__}: {e})'
+    _kernel_failures[key] = reason
+    return None, reason
 
 # %% ../../nbs/10_ops_msda.ipynb #e017caec
+def _run_kernel(value: Tensor, args: tuple, deterministic: bool) -> tuple[Tensor | None, str]:
+    """(the kernel's output, '') or (None, why the kernel could not run); remembers failures other than bad sizes."""
+    key = f'{value.device}-{value.dtype}'
+    if _is_compiling():  # no building while tracing: the op if an eager call built it
+        if key not in _kernel_ready:
+            return None, 'the kernel was not built by an eager call before torch.compile traced'
+        from detlearn.ops.msda_cupy import ms_deform_attn_cupy
+        return ms_deform_attn_cupy(*args, deterministic=deterministic), ''
+    kernel, reason = _kernel_or_reason(value)
+    if kernel is None:
+        return None, reason
+    try:
+        out = kernel(*args, deterministic=deterministic)
+    except DetlearnError as e:  # these inputs only (e.g. beyond 32-bit indexing): not remembered
+        return None, str(e)
+    except Exception as e:  # a launch failure: remembered, so every later call goes straight to the reference
+        _kernel_failures[key] = f'the CuPy kernel failed to launch ({type(e).__name__}: {e})'
+        return None, _kernel_failures[key]
+    _kernel_ready.add(key)
+    _announce_once('kernel', 'detlearn: multi-scale deformable attention runs the CuPy CUDA kernel.', warn=False)
+    return out, ''
+
+def _kernel_output(value: Tensor, args: tuple, deterministic: bool) -> Tensor | None:
+    """The kernel's output, or None after saying (once per device and dtype) why the reference runs instead."""
+    out, reason = _run_kernel(value, args, deterministic)
+    if out is None:
+        _announce_once(f'reference-{value.device}-{value.dtype}', 'detlearn: multi-scale deformable attention '
+                       f'runs the slower PyTorch reference on {value.device} / {value.dtype} because {reason}.',
+                       warn=True)
+    return out
+
+# %% ../../nbs/10_ops_msda.ipynb #e017cae1
 def ms_deform_attn(value: Tensor,               # (B, S, H, C) float32 / float16 / bfloat16
                    spatial_shapes: Tensor | Sequence[Sequence[int]],  # (L, 2) (H_l, W_l)
                    level_start_index: Tensor | Sequence[int],          # (L,)
@@ -169,16 +212,12 @@ def ms_deform_attn(value: Tensor,               # (B, S, H, C) float32 / float16
                    attention_weights: Tensor,   # (B, Q, H, L, P)
                    deterministic: bool = False, # bit-identical backward (kernel only; the reference always is)
                    ) -> Tensor:                 # (B, Q, H*C)
-    """Multi-scale deformable attention: the CuPy kernel on CUDA tensors when CuPy is present, else the PyTorch reference."""
+    """Multi-scale deformable attention: the CuPy kernel on CUDA tensors when it can run, else the reference."""
     check_msda_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if value.is_cuda and not torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing():
-        kernel = _kernel_or_none(value)
-        if kernel is not None:
-            _announce_once('kernel', 'detlearn: multi-scale deformable attention runs the CuPy CUDA kernel.', warn=False)
-            deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
-            return kernel(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                          deterministic=deterministic)
-        _announce_once('reference', 'detlearn: CuPy is not installed, so multi-scale deformable attention runs the '
-                       'slower PyTorch reference on the GPU. Install the kernel with `pip install cupy-cuda12x` '
-                       '(CUDA 12) or `pip install cupy-cuda13x` (CUDA 13).', warn=True)
-    return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
+        out = _kernel_output(value, args, deterministic)
+        if out is not None:
+            return out
+    return ms_deform_attn_pytorch(*args)

@@ -6,18 +6,23 @@
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from .msda import _is_compiling, check_msda_inputs, ms_deform_attn_pytorch
 from ..utils import DetlearnError, resource_dir
 
 # %% auto #0
 __all__ = ['KERNEL_FILE', 'COMPILE_OPTIONS', 'DTYPE_CODES', 'VECTOR_WIDTH', 'BLOCK', 'Launcher', 'default_launch',
-           'kernel_source', 'kernel_names', 'nvrtc_compile_check', 'launch_config', 'fixed_point_scale', 'cupy_launch',
-           'compile_kernels', 'msda_forward_raw', 'msda_backward_raw', 'MSDeformAttnFunction', 'ms_deform_attn_cupy']
+           'kernel_source', 'kernel_names', 'nvrtc_compile_check', 'launch_config', 'has_vector_atomics',
+           'backward_grain', 'fixed_point_scale', 'cupy_launch', 'compile_kernels', 'check_prepared',
+           'msda_forward_raw', 'msda_backward_raw', 'prepare_kernel_inputs', 'reference_backward', 'register_ops',
+           'MSDeformAttnFunction', 'ms_deform_attn_cupy']
 
 # %% ../../nbs/11_ops_msda_cupy.ipynb #be7b74d7
 KERNEL_FILE = 'msda.cu'
@@ -30,40 +35,54 @@ def kernel_source() -> str:
     return (resource_dir('cupy_kernels') / KERNEL_FILE).read_text()
 
 def kernel_names(dtype_code: int | None = None) -> list[str]:
-    """Every kernel instantiation (for one DT code, or all): forward, backward (default and deterministic), fixed-point finish."""
+    """Every kernel instantiation (for one DT code, or all): forward, backward variants, fixed-point finish."""
     names = []
     for dt, width in VECTOR_WIDTH.items():
-        if dtype_code is not None and dt != dtype_code: continue
+        if dtype_code is not None and dt != dtype_code:
+            continue
         for v in sorted({width, 1}, reverse=True):  # the 16-byte path and the scalar fallback
             names.append(f'msda_forward<{dt}, {v}>')
-            names += [f'msda_backward<{dt}, {v}, {det}>' for det in ('false', 'true')]
+            names += [f'msda_backward<{dt}, {v}, 1, {det}>' for det in ('false', 'true')]  # scalar atomics
+            if v % 4 == 0:
+                names.append(f'msda_backward<{dt}, {v}, 4, false>')  # runs of 4 floats: vector atomics
         names.append(f'msda_fixed_to_value<{dt}>')
     return names
 
 # %% ../../nbs/11_ops_msda_cupy.ipynb #ec218062
 def nvrtc_compile_check(arch: str = 'compute_75',  # a virtual architecture: compute_75 (T4), compute_90 (H100)
                         ) -> dict[str, str]:        # kernel name -> mangled name in the PTX
-    """Compile every kernel with NVRTC for `arch` (needs CuPy, not a GPU); raise RuntimeError with the compiler log on failure."""
+    """Compile every kernel with NVRTC for `arch` (needs CuPy, not a GPU); RuntimeError with the log on failure."""
     from cupy.cuda import nvrtc
     prog = nvrtc.createProgram(kernel_source(), KERNEL_FILE, [], [])
     try:
-        for name in kernel_names(): nvrtc.addNameExpression(prog, name)
+        for name in kernel_names():
+            nvrtc.addNameExpression(prog, name)
         try:
             nvrtc.compileProgram(prog, [f'-arch={arch}', *COMPILE_OPTIONS])
         except nvrtc.NVRTCError as e:
-            raise RuntimeError(f'NVRTC could not compile {KERNEL_FILE} for {arch}:\n{nvrtc.getProgramLog(prog)}') from e
+            log = nvrtc.getProgramLog(prog)
+            raise RuntimeError(f'NVRTC could not compile {KERNEL_FILE} for {arch}:\n{log}') from e
         return {name: nvrtc.getLoweredName(prog, name) for name in kernel_names()}
     finally:
         nvrtc.destroyProgram(prog)
 
 # %% ../../nbs/11_ops_msda_cupy.ipynb #66e5c48e
 def launch_config(channels: int, dtype_code: int, *tensors: Tensor) -> tuple[int, int, int]:
-    """(V channels per thread, T threads per (b, q, h), chunks) for C = `channels`; V = 1 when any tensor is not 16-byte aligned."""
+    """(V channels per thread, T threads per (b, q, h), chunks); V = 1 when a tensor is not 16-byte aligned."""
     v = VECTOR_WIDTH[dtype_code]
-    if channels % v or any(t.data_ptr() % 16 for t in tensors): v = 1
+    if channels % v or any(t.data_ptr() % 16 for t in tensors):
+        v = 1
     pieces = channels // v
     threads = min(32, 1 << (pieces - 1).bit_length())  # next power of two, so groups never straddle a warp
     return v, threads, -(-pieces // threads)
+
+def has_vector_atomics(device: torch.device) -> bool:
+    """True on GPUs with 4-float vector atomics (sm_90 and newer)."""
+    return device.type == 'cuda' and torch.cuda.get_device_capability(device)[0] >= 9
+
+def backward_grain(v: int, deterministic: bool, vector_atomics: bool) -> int:
+    """G, the run of consecutive channels per lane in the backward: 4 for vector atomics, else 1 (interleaved)."""
+    return 4 if vector_atomics and not deterministic and v % 4 == 0 else 1
 
 # %% ../../nbs/11_ops_msda_cupy.ipynb #925bd737
 def fixed_point_scale(grad_out: Tensor,           # (B, Q, H*C)
@@ -96,51 +115,94 @@ def _kernel(device_index: int, name: str):
 
 @functools.lru_cache(maxsize=None)
 def _module(device_index: int, dtype_code: int):
-    """The RawModule with every kernel of one dtype, compiled for one device (CuPy also caches the binary on disk)."""
+    """The RawModule with every kernel of one dtype, compiled for one device (CuPy caches the binary on disk)."""
     cupy = _import_cupy()
     with cupy.cuda.Device(device_index):
-        module = cupy.RawModule(code=kernel_source(), options=COMPILE_OPTIONS, name_expressions=kernel_names(dtype_code))
+        module = cupy.RawModule(code=kernel_source(), options=COMPILE_OPTIONS,
+                                name_expressions=kernel_names(dtype_code))
         module.compile()  # now, not at the first get_function
     return module
 
 # %% ../../nbs/11_ops_msda_cupy.ipynb #e3762b64
 _streams: dict = {}
 
+def _external_stream(cupy, stream: torch.cuda.Stream, device_index: int):
+    """`stream` as a CuPy stream: `Stream.from_external` where torch streams speak `__cuda_stream__`, else the raw pointer."""
+    if hasattr(cupy.cuda.Stream, 'from_external') and hasattr(stream, '__cuda_stream__'):
+        return cupy.cuda.Stream.from_external(stream)  # CuPy >= 14 with torch >= 2.10
+    return cupy.cuda.ExternalStream(stream.cuda_stream, device_index)  # older CuPy or torch (Colab)
+
 def _cupy_stream(device: torch.device):
     """PyTorch's current stream on `device` as a CuPy stream (cached per stream)."""
     cupy, stream = _import_cupy(), torch.cuda.current_stream(device)
     key = (device.index, stream.cuda_stream)
     if key not in _streams:
-        if hasattr(cupy.cuda.Stream, 'from_external'): _streams[key] = cupy.cuda.Stream.from_external(stream)
-        else: _streams[key] = cupy.cuda.ExternalStream(stream.cuda_stream, device.index)  # CuPy < 14
+        _streams[key] = _external_stream(cupy, stream, device.index)
     return _streams[key]
 
 def cupy_launch(name: str, threads: int, args: tuple, device: torch.device) -> None:
     """Launch kernel `name` with `threads` threads (blocks of BLOCK) on torch's current stream."""
+    if device.type != 'cuda':
+        raise DetlearnError(f'the CuPy kernels run on CUDA tensors, got {device} ones; ms_deform_attn picks '
+                            'the PyTorch reference for CPU tensors.')
     cupy = _import_cupy()
     with cupy.cuda.Device(device.index), _cupy_stream(device):
         _kernel(device.index, name)(((threads + BLOCK - 1) // BLOCK,), (BLOCK,), args)
 
 def compile_kernels(device: torch.device, dtype: torch.dtype) -> None:
     """Compile (or load from CuPy's cache) the kernels for one device and value dtype; raises if that fails."""
-    if dtype not in DTYPE_CODES: raise DetlearnError(f'the kernel has no {dtype} version; use float32/16, bfloat16 or float64')
+    if dtype not in DTYPE_CODES:
+        raise DetlearnError(f'the kernel has no {dtype} version; use float32/16, bfloat16 or float64')
     _module(device.index if device.index is not None else torch.cuda.current_device(), DTYPE_CODES[dtype])
 
-default_launch: Launcher = cupy_launch  # what the drivers use when not given a launcher (tests swap in a CPU emulation)
+default_launch: Launcher = cupy_launch  # what the drivers use unless given a launcher (tests: a CPU emulation)
 
-def _ptr(t: Tensor | None) -> np.uint64: return np.uint64(0 if t is None else t.data_ptr())
-def _ints(*xs: int) -> tuple: return tuple(np.int32(x) for x in xs)
+def _ptr(t: Tensor | None) -> np.uint64:
+    """A tensor's address as a kernel argument (0 for None)."""
+    return np.uint64(0 if t is None else t.data_ptr())
+
+def _ints(*xs: int) -> tuple:
+    """Python ints as the kernel's 32-bit int arguments."""
+    return tuple(np.int32(x) for x in xs)
+
+# %% ../../nbs/11_ops_msda_cupy.ipynb #c4ec0001
+def _coord_dtype(value: Tensor) -> torch.dtype:
+    """The dtype of locations and weights the kernel reads: float64 for float64 values, else float32."""
+    return torch.float64 if value.dtype == torch.float64 else torch.float32
+
+def check_prepared(value: Tensor, shapes: Tensor, starts: Tensor, locs: Tensor, weights: Tensor) -> None:
+    """Raise DetlearnError unless the tensors are exactly what the kernels read (dtypes, layouts, one device)."""
+    def fail(msg):
+        raise DetlearnError(f'msda kernels: {msg} (ms_deform_attn_cupy prepares its inputs itself)')
+    if value.dim() != 4 or value.dtype not in DTYPE_CODES:
+        fail(f'value must be (B, S, H, C) float32/16, bfloat16 or float64, got {value.dtype} {tuple(value.shape)}')
+    B, S, H, C = value.shape
+    L = locs.shape[3] if locs.dim() == 6 else -1
+    if shapes.dtype != torch.int32 or starts.dtype != torch.int32:
+        fail(f'spatial_shapes and level_start_index must be int32, got {shapes.dtype} and {starts.dtype}')
+    if tuple(shapes.shape) != (L, 2) or tuple(starts.shape) != (L,):
+        fail(f'need (L, 2) shapes and (L,) starts for L = {L}, got {tuple(shapes.shape)}, {tuple(starts.shape)}')
+    coords = _coord_dtype(value)
+    if locs.dtype != coords or weights.dtype != coords:
+        fail(f'{value.dtype} values need {coords} locations and weights, got {locs.dtype} and {weights.dtype}')
+    if locs.shape[:3] != (B, locs.shape[1], H) or locs.shape[-1] != 2 or weights.shape != locs.shape[:-1]:
+        fail(f'locations {tuple(locs.shape)} / weights {tuple(weights.shape)} do not fit value {tuple(value.shape)}')
+    tensors = (value, shapes, starts, locs, weights)
+    if any(t.device != value.device for t in tensors) or not all(t.is_contiguous() for t in tensors):
+        fail('all inputs must be contiguous and on one device')
 
 # %% ../../nbs/11_ops_msda_cupy.ipynb #45840266
 def msda_forward_raw(value: Tensor, shapes: Tensor, starts: Tensor,  # (B, S, H, C); (L, 2), (L,) int32
                      locs: Tensor, weights: Tensor,                  # (B, Q, H, L, P, 2), (B, Q, H, L, P)
                      launch: Launcher | None = None) -> Tensor:      # (B, Q, H*C) in value's dtype
-    """Run the forward kernel on prepared inputs."""
+    """Run the forward kernel on prepared inputs (checked by `check_prepared`)."""
+    check_prepared(value, shapes, starts, locs, weights)
     B, S, H, C = value.shape
     Q, L, P = locs.shape[1], locs.shape[3], locs.shape[4]
     dt = DTYPE_CODES[value.dtype]
     out = torch.empty(B, Q, H * C, dtype=value.dtype, device=value.device)
-    if out.numel() == 0: return out
+    if out.numel() == 0 or L * P == 0:
+        return out.zero_()
     v, t, chunks = launch_config(C, dt, value, out)
     args = (_ptr(value), _ptr(shapes), _ptr(starts), _ptr(locs), _ptr(weights), _ptr(out),
             *_ints(B, S, Q, H, C, L, P, t, chunks))
@@ -149,74 +211,201 @@ def msda_forward_raw(value: Tensor, shapes: Tensor, starts: Tensor,  # (B, S, H,
 
 # %% ../../nbs/11_ops_msda_cupy.ipynb #ff56895f
 def msda_backward_raw(grad_out: Tensor, value: Tensor, shapes: Tensor, starts: Tensor, locs: Tensor,
-                      weights: Tensor, deterministic: bool = False,
+                      weights: Tensor, *, deterministic: bool = False, value_grad: bool = True,
+                      grain: int | None = None,  # G; None: 4 on GPUs with vector atomics, else 1
                       launch: Launcher | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients (value, sampling_locations, attention_weights) from the backward kernel."""
+    """Gradients (value, sampling_locations, attention_weights); the first is empty when `value_grad` is False."""
+    check_prepared(value, shapes, starts, locs, weights)
     B, S, H, C = value.shape
     Q, L, P = locs.shape[1], locs.shape[3], locs.shape[4]
     dt, launch = DTYPE_CODES[value.dtype], launch or default_launch
-    grad_out = grad_out.to(value.dtype).contiguous()                   # (B, Q, H*C)
+    grad_out = grad_out.to(value.dtype).contiguous()                          # (B, Q, H*C)
     grad_loc, grad_attn = torch.empty_like(locs), torch.empty_like(weights)  # every element written once
-    if grad_out.numel() == 0: return torch.zeros_like(value), grad_loc.zero_(), grad_attn.zero_()
+    if grad_out.numel() == 0 or L * P == 0:
+        return torch.zeros_like(value) if value_grad else value.new_empty(0), grad_loc.zero_(), grad_attn.zero_()
     v, t, chunks = launch_config(C, dt, value, grad_out)
+    g = backward_grain(v, deterministic, has_vector_atomics(value.device)) if grain is None else grain
+    if g not in (1, 4) or v % g or (deterministic and g != 1):
+        raise DetlearnError(f'msda_backward_raw: no kernel with G={g} for V={v}, deterministic={deterministic}')
     acc = fixed = scale = None
-    if deterministic:
+    if value_grad and deterministic:
         fixed = torch.zeros(value.shape, dtype=torch.int64, device=value.device)  # (B, S, H, C) fixed point
         scale = fixed_point_scale(grad_out, weights, Q * P)
-    else:
+    elif value_grad:
         acc = torch.zeros(value.shape, dtype=locs.dtype, device=value.device)     # (B, S, H, C) fp32 (fp64)
     args = (_ptr(value), _ptr(shapes), _ptr(starts), _ptr(locs), _ptr(weights), _ptr(grad_out), _ptr(acc),
-            _ptr(fixed), _ptr(scale), _ptr(grad_loc), _ptr(grad_attn), *_ints(B, S, Q, H, C, L, P, t, chunks))
-    launch(f'msda_backward<{dt}, {v}, {"true" if deterministic else "false"}>', B * Q * H * t, args, value.device)
-    if not deterministic: return acc.to(value.dtype), grad_loc, grad_attn
+            _ptr(fixed), _ptr(scale), _ptr(grad_loc), _ptr(grad_attn),
+            *_ints(B, S, Q, H, C, L, P, t, chunks, int(value_grad)))
+    det = 'true' if deterministic else 'false'
+    launch(f'msda_backward<{dt}, {v}, {g}, {det}>', B * Q * H * t, args, value.device)
+    if not value_grad:
+        return value.new_empty(0), grad_loc, grad_attn
+    if not deterministic:
+        return acc.to(value.dtype), grad_loc, grad_attn
     grad_value = torch.empty_like(value)
-    launch(f'msda_fixed_to_value<{dt}>', value.numel(), (_ptr(fixed), _ptr(scale), _ptr(grad_value), *_ints(value.numel())),
-           value.device)
+    n = value.numel()
+    launch(f'msda_fixed_to_value<{dt}>', n, (_ptr(fixed), _ptr(scale), _ptr(grad_value), *_ints(n)), value.device)
     return grad_value, grad_loc, grad_attn
 
-# %% ../../nbs/11_ops_msda_cupy.ipynb #5b1c07ff
-class MSDeformAttnFunction(torch.autograd.Function):
-    """Multi-scale deformable attention with the CuPy kernels (inputs prepared by `ms_deform_attn_cupy`)."""
-    @staticmethod
-    @torch.amp.custom_fwd(device_type='cuda')
-    def forward(ctx, value, shapes, starts, locs, weights, deterministic: bool):
-        ctx.save_for_backward(value, shapes, starts, locs, weights)
-        ctx.deterministic = deterministic
-        return msda_forward_raw(value, shapes, starts, locs, weights)
+# %% ../../nbs/11_ops_msda_cupy.ipynb #c4ec0002
+_level_table_cache: dict = {}
 
-    @staticmethod
-    @torch.amp.custom_bwd(device_type='cuda')
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        value, shapes, starts, locs, weights = ctx.saved_tensors
-        grad_value, grad_loc, grad_attn = msda_backward_raw(grad_out, value, shapes, starts, locs, weights, ctx.deterministic)
-        return grad_value, None, None, grad_loc, grad_attn, None
 
-# %% ../../nbs/11_ops_msda_cupy.ipynb #3ea93548
-def _check_kernel_inputs(value: Tensor, locs: Tensor, weights: Tensor) -> None:
-    """Raise DetlearnError for what the kernel cannot take (device, dtype, 32-bit index range)."""
-    if not value.is_cuda or locs.device != value.device or weights.device != value.device:
-        raise DetlearnError('ms_deform_attn_cupy needs value, sampling_locations and attention_weights on one CUDA '
-                            f'device (got {value.device}, {locs.device}, {weights.device}); ms_deform_attn picks '
-                            'the PyTorch reference for CPU tensors.')
+def _int32_table(x: Tensor | Sequence, device: torch.device, name: str) -> Tensor:
+    """`x` as a contiguous int32 tensor on `device`; cached when it comes from Python or CPU values."""
+    if isinstance(x, Tensor) and x.is_floating_point():
+        raise DetlearnError(f'ms_deform_attn: {name} must hold integers, got {x.dtype}')
+    if isinstance(x, Tensor) and x.device.type != 'cpu' or _is_compiling():
+        return torch.as_tensor(x, device=device).to(torch.int32).contiguous()  # stays on the device, no sync
+    values = torch.as_tensor(x).tolist()
+    key = (name, str(values), str(device))
+    if key not in _level_table_cache:
+        if len(_level_table_cache) > 256:  # input sizes vary (multi-scale training): keep the cache small
+            _level_table_cache.clear()
+        _level_table_cache[key] = torch.tensor(values, dtype=torch.int32, device=device)
+    return _level_table_cache[key]
+
+def prepare_kernel_inputs(value: Tensor, spatial_shapes: Tensor | Sequence, level_start_index: Tensor | Sequence,
+                          locs: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Check the op's inputs and convert them to what the kernels read (contiguous, int32 tables, float coords)."""
+    check_msda_inputs(value, spatial_shapes, level_start_index, locs, weights)
     if value.dtype not in DTYPE_CODES:
         raise DetlearnError(f'ms_deform_attn_cupy: value must be float32, float16, bfloat16 or float64, got {value.dtype}')
+    if locs.device != value.device or weights.device != value.device:
+        raise DetlearnError(f'ms_deform_attn_cupy: value, sampling_locations and attention_weights must be on one '
+                            f'device, got {value.device}, {locs.device}, {weights.device}')
     B, S, H, C = value.shape
-    if max(value.numel(), locs.numel(), B * locs.shape[1] * H * max(C, 32)) >= 2 ** 31:  # values, coords, outputs/threads
+    if max(value.numel(), locs.numel(), B * locs.shape[1] * H * max(C, 32)) >= 2 ** 31:  # values, coords, threads
         raise DetlearnError(f'ms_deform_attn_cupy: inputs of {value.numel():,} values / {locs.numel():,} coordinates '
-                            'exceed the kernel\'s 32-bit indexing; split the batch.')
+                            "exceed the kernel's 32-bit indexing; split the batch.")
+    shapes = _int32_table(spatial_shapes, value.device, 'spatial_shapes')       # (L, 2)
+    starts = _int32_table(level_start_index, value.device, 'level_start_index')  # (L,)
+    coords = _coord_dtype(value)
+    return value.contiguous(), shapes, starts, locs.to(coords).contiguous(), weights.to(coords).contiguous()
 
+# %% ../../nbs/11_ops_msda_cupy.ipynb #c4ec0005
+def reference_backward(grad_out: Tensor, value: Tensor, shapes: Tensor, starts: Tensor, locs: Tensor,
+                       weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of `ms_deform_attn_pytorch` spelled out with grid_sample's backward (no autograd inside)."""
+    B, S, H, C = value.shape
+    Q, L, P = locs.shape[1], locs.shape[3], locs.shape[4]
+    sizes = [(int(h), int(w)) for h, w in shapes.tolist()]
+    dtype = torch.promote_types(value.dtype, locs.dtype)
+    g = grad_out.to(dtype).view(B, Q, H, C).permute(0, 2, 3, 1).reshape(B * H, C, Q, 1)  # (B*H, C, Q, 1)
+    w = weights.to(dtype).transpose(1, 2).reshape(B * H, 1, Q, L, P)                     # (B*H, 1, Q, L, P)
+    grids = (2 * locs.to(dtype) - 1).transpose(1, 2).reshape(B * H, Q, L, P, 2)          # (B*H, Q, L, P, 2)
+    value_levels = value.to(dtype).split([h * w for h, w in sizes], dim=1)               # L x (B, H_l*W_l, H, C)
+    grad_values, grad_grids, grad_weights = [], [], []
+    for l, (Hl, Wl) in enumerate(sizes):
+        v = value_levels[l].permute(0, 2, 3, 1).reshape(B * H, C, Hl, Wl)                # (B*H, C, H_l, W_l)
+        grid = grids[:, :, l].contiguous()                                               # (B*H, Q, P, 2)
+        sampled = F.grid_sample(v, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+        grad_weights.append((g * sampled).sum(1))                                        # (B*H, Q, P)
+        grad_v, grad_grid = torch.ops.aten.grid_sampler_2d_backward(  # 0, 0: bilinear, zero padding
+            g * w[:, :, :, l], v, grid, 0, 0, False, [True, True])
+        grad_values.append(grad_v.view(B, H, C, Hl * Wl).permute(0, 3, 1, 2))            # (B, H_l*W_l, H, C)
+        grad_grids.append(grad_grid)                                                     # (B*H, Q, P, 2)
+    grad_loc = 2 * torch.stack(grad_grids, 2).view(B, H, Q, L, P, 2).transpose(1, 2)     # (B, Q, H, L, P, 2)
+    grad_attn = torch.stack(grad_weights, 2).view(B, H, Q, L, P).transpose(1, 2)         # (B, Q, H, L, P)
+    return (torch.cat(grad_values, 1).to(value.dtype).contiguous(), grad_loc.to(locs.dtype).contiguous(),
+            grad_attn.to(weights.dtype).contiguous())
+
+def _msda_forward_impl(value: Tensor, shapes: Tensor, starts: Tensor, locs: Tensor, weights: Tensor,
+                       deterministic: bool) -> Tensor:
+    """detlearn::msda_forward: the kernel on CUDA, the reference elsewhere."""
+    if value.is_cuda:
+        return msda_forward_raw(value, shapes, starts, locs, weights)
+    return ms_deform_attn_pytorch(value, shapes, starts, locs, weights)
+
+def _msda_backward_impl(grad_out: Tensor, value: Tensor, shapes: Tensor, starts: Tensor, locs: Tensor,
+                        weights: Tensor, deterministic: bool, value_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """detlearn::msda_backward: the kernel on CUDA, the reference's gradients elsewhere."""
+    if value.is_cuda:
+        return msda_backward_raw(grad_out, value, shapes, starts, locs, weights,
+                                 deterministic=deterministic, value_grad=value_grad)
+    grad_value, grad_loc, grad_attn = reference_backward(grad_out, value, shapes, starts, locs, weights)
+    return grad_value if value_grad else value.new_empty(0), grad_loc, grad_attn
+
+# %% ../../nbs/11_ops_msda_cupy.ipynb #c4ec0006
+def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+    """Save what the backward op needs."""
+    value, shapes, starts, locs, weights, deterministic = inputs
+    ctx.save_for_backward(value, shapes, starts, locs, weights)
+    ctx.deterministic = deterministic
+
+def _backward(ctx, grad_out: Tensor) -> tuple:
+    """Gradients of detlearn::msda_forward through detlearn::msda_backward (value's only when needed)."""
+    value, shapes, starts, locs, weights = ctx.saved_tensors
+    value_grad = ctx.needs_input_grad[0]
+    grad_value, grad_loc, grad_attn = torch.ops.detlearn.msda_backward(
+        grad_out.contiguous(), value, shapes, starts, locs, weights, ctx.deterministic, value_grad)
+    return grad_value if value_grad else None, None, None, grad_loc, grad_attn, None
+
+def register_ops() -> None:
+    """Register detlearn::msda_forward and detlearn::msda_backward with torch.library (once per process)."""
+    if not hasattr(torch.library, 'custom_op') or hasattr(torch.ops.detlearn, 'msda_forward'):
+        return  # torch < 2.4 has no custom_op (ms_deform_attn_cupy then uses MSDeformAttnFunction); or done
+    fwd = torch.library.custom_op('detlearn::msda_forward', _msda_forward_impl, mutates_args=())
+    bwd = torch.library.custom_op('detlearn::msda_backward', _msda_backward_impl, mutates_args=())
+    fwd.register_fake(lambda value, shapes, starts, locs, weights, deterministic: value.new_empty(
+        value.shape[0], locs.shape[1], value.shape[2] * value.shape[3]))             # (B, Q, H*C)
+    bwd.register_fake(lambda grad_out, value, shapes, starts, locs, weights, deterministic, value_grad: (
+        torch.empty_like(value) if value_grad else value.new_empty(0), torch.empty_like(locs),
+        torch.empty_like(weights)))
+    fwd.register_autograd(_backward, setup_context=_setup_context)
+
+register_ops()  # torch.compile must find the op before it traces a model
+
+# %% ../../nbs/11_ops_msda_cupy.ipynb #5b1c07ff
+def _amp_decorators() -> tuple[Callable, Callable]:
+    """(custom_fwd, custom_bwd) for CUDA: torch.amp's (torch >= 2.4), else torch.cuda.amp's (torch 2.1-2.3)."""
+    if hasattr(torch.amp, 'custom_fwd'):
+        return (functools.partial(torch.amp.custom_fwd, device_type='cuda'),
+                functools.partial(torch.amp.custom_bwd, device_type='cuda'))
+    return torch.cuda.amp.custom_fwd, torch.cuda.amp.custom_bwd
+
+_custom_fwd, _custom_bwd = _amp_decorators()
+
+class MSDeformAttnFunction(torch.autograd.Function):
+    """Deformable attention with the CuPy kernels, called like the official op (`im2col_step` is ignored)."""
+    @staticmethod
+    @_custom_fwd
+    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                im2col_step: int = 64, deterministic: bool = False):
+        if isinstance(im2col_step, bool) or not isinstance(im2col_step, numbers.Integral):
+            raise DetlearnError('MSDeformAttnFunction.apply: the 6th argument is the official op\'s integer '
+                                f'im2col_step (ignored), got {im2col_step!r}; deterministic is the 7th.')
+        prepared = prepare_kernel_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                                         attention_weights)
+        ctx.save_for_backward(*prepared)
+        ctx.deterministic = bool(deterministic)
+        ctx.coord_dtypes = (sampling_locations.dtype, attention_weights.dtype)
+        return msda_forward_raw(*prepared)
+
+    @staticmethod
+    @_custom_bwd
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        value_grad = ctx.needs_input_grad[0]
+        grad_value, grad_loc, grad_attn = msda_backward_raw(
+            grad_out, *ctx.saved_tensors, deterministic=ctx.deterministic, value_grad=value_grad)
+        grad_loc, grad_attn = grad_loc.to(ctx.coord_dtypes[0]), grad_attn.to(ctx.coord_dtypes[1])
+        return grad_value if value_grad else None, None, None, grad_loc, grad_attn, None, None
+
+# %% ../../nbs/11_ops_msda_cupy.ipynb #3ea93548
 def ms_deform_attn_cupy(value: Tensor,               # (B, S, H, C) float32 / float16 / bfloat16 / float64
-                        spatial_shapes: Tensor | Sequence[Sequence[int]],  # (L, 2) (H_l, W_l)
+                        spatial_shapes: Tensor | Sequence[Sequence[int]],  # (L, 2) (H_l, W_l), int32 or int64
                         level_start_index: Tensor | Sequence[int],          # (L,)
                         sampling_locations: Tensor,  # (B, Q, H, L, P, 2) in [0, 1]
                         attention_weights: Tensor,   # (B, Q, H, L, P)
-                        deterministic: bool = False, # bit-identical backward (fixed-point value gradient)
+                        *, deterministic: bool = False,  # bit-identical backward (fixed-point value gradient)
                         ) -> Tensor:                 # (B, Q, H*C) in value's dtype
-    """Multi-scale deformable attention with the CuPy CUDA kernels (CUDA tensors only)."""
-    _check_kernel_inputs(value, sampling_locations, attention_weights)
-    coords = torch.float64 if value.dtype == torch.float64 else torch.float32
-    shapes = torch.as_tensor(spatial_shapes, device=value.device).to(torch.int32).contiguous()
-    starts = torch.as_tensor(level_start_index, device=value.device).to(torch.int32).contiguous()
-    return MSDeformAttnFunction.apply(value.contiguous(), shapes, starts, sampling_locations.to(coords).contiguous(),
-                                      attention_weights.to(coords).contiguous(), deterministic)
+    """Multi-scale deformable attention with the CuPy CUDA kernels (CUDA tensors only), as a torch custom op."""
+    if not value.is_cuda:
+        raise DetlearnError(f'ms_deform_attn_cupy needs CUDA tensors, got {value.device}; ms_deform_attn picks '
+                            'the PyTorch reference for CPU tensors.')
+    prepared = prepare_kernel_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                                     attention_weights)
+    if hasattr(torch.library, 'custom_op'):
+        return torch.ops.detlearn.msda_forward(*prepared, bool(deterministic))
+    return MSDeformAttnFunction.apply(*prepared, 64, bool(deterministic))  # torch < 2.4: no custom ops
