@@ -381,6 +381,119 @@ def test_gpu_kernel_memory_not_above_reference():
     assert peaks[0] <= peaks[1]
 
 
+DINO_ENCODER = dict(batch=2, queries=22_223, heads=8, channels=32, points=4)  # 800x1333, 4 levels
+DINO_LEVELS = [(100, 167), (50, 84), (25, 42), (13, 21)]                     # S = 22,223
+
+
+def kernel_grads(inp, grad_out, deterministic=False):
+    """Output and gradients (value, locations, weights) of ms_deform_attn_cupy."""
+    value, shapes, starts, locs, weights = inp
+    leaves = [t.detach().clone().requires_grad_() for t in (value, locs, weights)]
+    out = mc.ms_deform_attn_cupy(leaves[0], shapes, starts, leaves[1], leaves[2], deterministic=deterministic)
+    out.backward(grad_out)
+    return out.detach(), leaves[0].grad, leaves[1].grad, leaves[2].grad
+
+
+@needs_gpu
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_gpu_dino_encoder_size_matches_float64_reference(dtype):
+    """B=2, S=Q=22,223, H=8, C=32, L=4, P=4: forward and all gradients against the float64 reference."""
+    inp = random_msda_inputs(**DINO_ENCODER, spatial_shapes=DINO_LEVELS, kind='dino', dtype=dtype, device='cuda')
+    grad_out = torch.randn(2, 22_223, 256, device='cuda').to(dtype)
+    ref = reference_grads(inp, grad_out)
+    got = kernel_grads(inp, grad_out)
+    coords_tol = 1e-10 if dtype == torch.float64 else 1e-4
+    for g, r, tol in zip(got, ref, (TOL[dtype], TOL[dtype], coords_tol, coords_tol)):
+        assert_close(g, r, tol)
+    runs = [kernel_grads(inp, grad_out, deterministic=True) for _ in range(3)]
+    for run in runs[1:]:
+        for a, b in zip(runs[0][1:], run[1:]):
+            assert torch.equal(a, b)                                     # bit-identical over 3 runs
+    assert_close(runs[0][1], ref[1], TOL[dtype])
+
+
+@needs_gpu
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_both_value_gradient_mappings(dtype):
+    """G = 1 (interleaved channels, scalar atomics) and G = 4 (runs of 4; vector atomics on sm_90) agree."""
+    inp = random_msda_inputs(2, 300, 8, 32, LEVELS[4], kind='dino', dtype=dtype, device='cuda')
+    value, shapes, starts, locs, weights = mc.prepare_kernel_inputs(*inp)
+    grad_out = torch.randn(2, 300, 256, device='cuda').to(dtype)
+    ref = reference_grads(inp, grad_out)
+    for grain in (1, 4):
+        got = mc.msda_backward_raw(grad_out, value, shapes, starts, locs, weights, grain=grain)
+        for g, r, tol in zip(got, ref[1:], (TOL[dtype], 1e-4, 1e-4)):
+            assert_close(g, r, tol)
+    vector = mc.has_vector_atomics(value.device)
+    assert (torch.cuda.get_device_capability()[0] >= 9) == vector
+    assert mc.backward_grain(mc.launch_config(32, mc.DTYPE_CODES[dtype], value)[0], False, vector) == \
+        (4 if vector else 1)
+
+
+@needs_gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9),
+                    reason='vector atomics need sm_90')
+def test_gpu_sm90_vector_atomic_path_is_the_default():
+    inp = random_msda_inputs(2, 500, 8, 32, LEVELS[4], kind='dino', device='cuda')
+    value, shapes, starts, locs, weights = mc.prepare_kernel_inputs(*inp)
+    grad_out = torch.randn(2, 500, 256, device='cuda')
+    names = []
+    real_launch = mc.default_launch
+
+    def spy(name, *args):
+        names.append(name)
+        return real_launch(name, *args)
+    mc.msda_backward_raw(grad_out, value, shapes, starts, locs, weights, launch=spy)
+    assert names == ['msda_backward<0, 4, 4, false>']
+    got = mc.msda_backward_raw(grad_out, value, shapes, starts, locs, weights)
+    assert_close(got[0], reference_grads(inp, grad_out)[1], 2e-5)
+
+
+@needs_gpu
+@pytest.mark.parametrize('dtype,channels,misalign', [(torch.float32, 30, False), (torch.float16, 12, False),
+                                                     (torch.bfloat16, 20, False), (torch.float32, 32, True),
+                                                     (torch.float16, 32, True), (torch.bfloat16, 64, True)])
+def test_gpu_scalar_paths_odd_channels_and_misaligned_base(dtype, channels, misalign):
+    inp = random_msda_inputs(2, 40, 4, channels, LEVELS[3], kind='random', seed=channels)
+    value, shapes, starts, locs, weights = prepared(inp, dtype, misalign)
+    value, shapes, starts, locs, weights = (t.cuda() for t in (value, shapes, starts, locs, weights))
+    if misalign:  # .cuda() copies into a fresh, aligned buffer: misalign again on the device
+        buffer = torch.empty(value.numel() + 1, dtype=dtype, device='cuda')
+        buffer[1:] = value.flatten()
+        value = buffer[1:].view(value.shape)
+    assert mc.launch_config(channels, mc.DTYPE_CODES[dtype], value)[0] == 1
+    grad_out = torch.randn(2, 40, 4 * channels, device='cuda').to(dtype)
+    ref = reference_grads((value, shapes, starts, locs, weights), grad_out)
+    assert_close(mc.msda_forward_raw(value, shapes, starts, locs, weights), ref[0], TOL[dtype])
+    got = mc.msda_backward_raw(grad_out, value, shapes, starts, locs, weights)
+    for g, r, tol in zip(got, ref[1:], (TOL[dtype], 1e-4, 1e-4)):
+        assert_close(g, r, tol)
+
+
+@needs_gpu
+def test_gpu_custom_op_opcheck_and_torch_compile():
+    inp = random_msda_inputs(2, 50, 8, 32, LEVELS[4], kind='dino', device='cuda')
+    value, shapes, starts, locs, weights = mc.prepare_kernel_inputs(*inp)
+    leaves = [t.clone().requires_grad_() for t in (value, locs, weights)]
+    torch.library.opcheck(torch.ops.detlearn.msda_forward.default, (leaves[0], shapes, starts, leaves[1], leaves[2],
+                                                                      False))
+    fn = lambda v, l, a: mc.ms_deform_attn_cupy(v, shapes, starts, l, a)
+    compiled = torch.compile(fn, fullgraph=True)
+    out = compiled(*leaves)
+    assert_close(out, ms_deform_attn_pytorch(*as_double(inp)), 2e-5)
+    out.sum().backward()
+    assert all(t.grad is not None for t in leaves)
+
+
+@needs_gpu
+def test_gpu_dispatcher_under_torch_compile_uses_the_kernel_after_an_eager_call():
+    inp = random_msda_inputs(2, 50, 8, 32, LEVELS[4], kind='dino', device='cuda')
+    eager = ms_deform_attn(*inp)                                        # builds the kernel, remembers it
+    assert f'{inp[0].device}-{inp[0].dtype}' in msda_module._kernel_ready
+    compiled = torch.compile(lambda *a: ms_deform_attn(*a), fullgraph=True)
+    assert torch.equal(compiled(*inp), eager)
+
+
 # ------------------------------------------------------------------ host side (CPU, mocks)
 @pytest.fixture
 def fresh_dispatcher(monkeypatch):
@@ -585,3 +698,22 @@ def test_emulated_function_with_fp16_coordinates(emulator, monkeypatch):
     ref = reference_grads((value, shapes, starts, locs.detach(), weights.detach()), torch.ones_like(out))
     assert_close(out, ref[0], 2e-5)
     assert_close(locs.grad, ref[2], 2e-3)
+
+
+def test_dispatcher_compile_branch_traces_with_fullgraph(monkeypatch, fresh_dispatcher):
+    """Under torch.compile the dispatcher reaches the custom op with no graph break (CPU stand-in for CUDA)."""
+    if not hasattr(torch.library, 'custom_op'):
+        pytest.skip('torch < 2.4 has no torch.library.custom_op')
+    inp = random_msda_inputs(1, 3, 2, 4, LEVELS[2], points=2, seed=3)
+
+    def cpu_kernel(value, spatial_shapes, level_start_index, locs, weights, *, deterministic):
+        prepared = mc.prepare_kernel_inputs(value, spatial_shapes, level_start_index, locs, weights)
+        return torch.ops.detlearn.msda_forward(*prepared, deterministic)
+    monkeypatch.setattr(mc, 'ms_deform_attn_cupy', cpu_kernel)
+    msda_module._kernel_ready.add('cpu-torch.float32')
+    compiled = torch.compile(lambda *a: msda_module._run_kernel(a[0], a, False)[0], fullgraph=True,
+                             backend='aot_eager')
+    assert_close(compiled(*inp), ms_deform_attn_pytorch(*as_double(inp)), 2e-5)
+    msda_module._kernel_ready.clear()
+    assert torch.compile(lambda *a: msda_module._run_kernel(a[0], a, False)[1], fullgraph=True,
+                         backend='aot_eager')(*inp).startswith('the kernel was not built')
