@@ -717,3 +717,24 @@ def test_dispatcher_compile_branch_traces_with_fullgraph(monkeypatch, fresh_disp
     msda_module._kernel_ready.clear()
     assert torch.compile(lambda *a: msda_module._run_kernel(a[0], a, False)[1], fullgraph=True,
                          backend='aot_eager')(*inp).startswith('the kernel was not built')
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+def test_emulated_unsampled_nan_pixel_does_not_leak(emulator, dtype):
+    """Corner loads are unconditional (clamped addresses): a NaN pixel that no sample covers must not leak."""
+    inp = random_msda_inputs(1, 4, 2, 8, [(3, 4), (2, 2)], points=2, kind='random', seed=9)
+    value, shapes, starts, locs, weights = prepared(inp, dtype)
+    value = value.clone()
+    value[:, 0] = float('nan')                                # pixel (0, 0) of level 0, the clamp target
+    locs = locs.clone()
+    locs[:, :, :, 0] = torch.tensor([-0.9, -0.9])             # level 0: every point far outside the top-left
+    locs[:, 0, 0, 0, 0] = torch.tensor([float('nan'), 0.5])   # and one NaN location
+    grad_out = torch.randn(1, 4, 16, generator=torch.Generator().manual_seed(3)).to(dtype)
+    out = mc.msda_forward_raw(value, shapes, starts, locs, weights, launch=emulator)
+    gv, gl, ga = mc.msda_backward_raw(grad_out, value, shapes, starts, locs, weights, launch=emulator)
+    assert torch.isfinite(out).all() and torch.isfinite(gl).all() and torch.isfinite(ga).all()
+    assert torch.isfinite(gv).all() and (gv[:, 0] == 0).all()   # nothing scattered to the unsampled pixel
+    clean = value.clone()
+    clean[:, 0] = 0                                           # the same op with the NaN pixel zeroed
+    assert_close(out, ms_deform_attn_pytorch(*as_double((clean, shapes, starts, locs.nan_to_num(-0.9), weights))),
+                 TOL[dtype])

@@ -150,6 +150,7 @@ def cupy_launch(name: str, threads: int, args: tuple, device: torch.device) -> N
     with cupy.cuda.Device(device.index), _cupy_stream(device):
         _kernel(device.index, name)(((threads + BLOCK - 1) // BLOCK,), (BLOCK,), args)
 
+# %% ../../nbs/11_ops_msda_cupy.ipynb #e3762b65
 def compile_kernels(device: torch.device, dtype: torch.dtype) -> None:
     """Compile (or load from CuPy's cache) the kernels for one device and value dtype; raise on failure."""
     if dtype not in DTYPE_CODES:
@@ -274,6 +275,7 @@ def _int32_table(x: Tensor | Sequence, device: torch.device, name: str) -> Tenso
         _level_table_cache[key] = torch.tensor(values, dtype=torch.int32, device=device)
     return _level_table_cache[key]
 
+# %% ../../nbs/11_ops_msda_cupy.ipynb #c4ec0012
 def prepare_kernel_inputs(value: Tensor,                          # (B, S, H, C)
                           spatial_shapes: Tensor | Sequence,      # (L, 2)
                           level_start_index: Tensor | Sequence,   # (L,)
@@ -326,6 +328,7 @@ def reference_backward(grad_out: Tensor, value: Tensor, shapes: Tensor, starts: 
     return (torch.cat(grad_values, 1).to(value.dtype).contiguous(), grad_loc.to(locs.dtype).contiguous(),
             grad_attn.to(weights.dtype).contiguous())
 
+# %% ../../nbs/11_ops_msda_cupy.ipynb #c4ec0015
 def _msda_forward_impl(value: Tensor, shapes: Tensor, starts: Tensor, locs: Tensor, weights: Tensor,
                        deterministic: bool) -> Tensor:
     """detlearn::msda_forward: the kernel on CUDA, the reference elsewhere."""
