@@ -2,14 +2,16 @@
 // Every CUDA thread is a std::thread; a warp is 32 of them that meet at a barrier in every
 // __shfl_xor_sync. A lane that skips a shuffle its warp-mates reach (a hang or garbage on a real
 // GPU) leaves the barrier unfilled: after 5 s it breaks, and emu_run reports the failure.
-// Atomics take a lock.
+// Atomics take a lock; a float4 atomic (sm_90's vector atomic, which the kernels use in emulation
+// for runs of 4 floats) adds its four floats under the same lock.
 #pragma once
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 #include <chrono>
-#include <condition_variable>
+#include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -21,10 +23,14 @@
 #define __restrict__ __restrict
 
 struct dim3 { unsigned int x = 1, y = 1, z = 1; };
+struct uint2 { unsigned int x, y; };
 struct uint4 { unsigned int x, y, z, w; };
 struct float4 { float x, y, z, w; };
 inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return uint4{a, b, c, d}; }
 inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
+
+using std::max;
+using std::min;
 
 inline thread_local dim3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
@@ -40,7 +46,19 @@ inline float detlearn_half_to_float(unsigned short x) { _Float16 h; memcpy(&h, &
 inline unsigned short detlearn_float_to_half(float f) { _Float16 h = (_Float16)f; unsigned short x; memcpy(&x, &h, 2); return x; }
 
 inline std::mutex emu_atomic_lock;
-template <class T> inline T atomicAdd(T* p, T v) { std::lock_guard<std::mutex> g(emu_atomic_lock); T old = *p; *p = old + v; return old; }
+template <class T> inline T atomicAdd(T* p, T v) {
+  std::lock_guard<std::mutex> g(emu_atomic_lock);
+  T old = *p;
+  *p = old + v;
+  return old;
+}
+inline float4 atomicAdd(float4* p, float4 v) {
+  if (reinterpret_cast<uintptr_t>(p) % 16) throw "vector atomic on an address that is not 16-byte aligned";
+  std::lock_guard<std::mutex> g(emu_atomic_lock);
+  const float4 old = *p;
+  *p = float4{old.x + v.x, old.y + v.y, old.z + v.z, old.w + v.w};
+  return old;
+}
 
 inline std::atomic<bool> emu_shuffle_deadlock{false};
 
