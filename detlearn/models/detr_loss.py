@@ -6,7 +6,7 @@
 __all__ = ['sigmoid_focal_loss', 'l1_box_loss', 'giou_box_loss', 'DetrLossConfig', 'set_losses', 'mean_count_across_processes',
            'num_boxes_across_processes', 'denoising_indices', 'SetCriterion']
 
-# %% ../../nbs/36_models_detr_loss.ipynb #35f9d1c3
+# %% ../../nbs/36_models_detr_loss.ipynb #50c8e45a
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +19,7 @@ from ..boxes import box_cxcywh_to_xyxy, generalized_box_iou
 from ..distributed import all_reduce_sum
 from ..utils import DetlearnError
 
-# %% ../../nbs/36_models_detr_loss.ipynb #40f62a8a
+# %% ../../nbs/36_models_detr_loss.ipynb #087bf672
 def sigmoid_focal_loss(logits: Tensor,   # (..., K) class logits
                        targets: Tensor,  # (..., K) float, 1 for the object's class, else 0 (may be soft)
                        alpha: float = 0.25,  # weight of positives (1 - alpha for negatives); < 0: none
@@ -45,10 +45,12 @@ def giou_box_loss(pred_boxes: Tensor,  # (N, 4) normalised cxcywh
                   target_boxes: Tensor,  # (N, 4) normalised cxcywh
                  ) -> Tensor:  # (N,)
     """1 - GIoU of matched boxes (the diagonal of detlearn.boxes' pairwise GIoU)."""
-    giou = generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes.float()), box_cxcywh_to_xyxy(target_boxes.float()))
+    pred_xyxy = box_cxcywh_to_xyxy(pred_boxes.float())      # (N, 4)
+    target_xyxy = box_cxcywh_to_xyxy(target_boxes.float())  # (N, 4)
+    giou = generalized_box_iou(pred_xyxy, target_xyxy)      # (N, N), only the diagonal is used
     return 1 - torch.diagonal(giou)
 
-# %% ../../nbs/36_models_detr_loss.ipynb #05a2fbe7
+# %% ../../nbs/36_models_detr_loss.ipynb #ace89b3c
 @dataclass
 class DetrLossConfig:
     """Weights of DINO's set criterion (cls 1, bbox 5, giou 2) and its focal loss."""
@@ -72,7 +74,7 @@ class DetrLossConfig:
         return {'loss_ce': scale * self.cls_weight, 'loss_bbox': scale * box * self.bbox_weight,
                 'loss_giou': scale * box * self.giou_weight}
 
-# %% ../../nbs/36_models_detr_loss.ipynb #c50152fe
+# %% ../../nbs/36_models_detr_loss.ipynb #e5438a58
 def set_losses(pred_logits: Tensor,  # (B, Q, K) class logits
                pred_boxes: Tensor,   # (B, Q, 4) normalised cxcywh
                targets: list[dict],  # per image: labels (G,) int64, boxes (G, 4) normalised cxcywh
@@ -93,7 +95,7 @@ def set_losses(pred_logits: Tensor,  # (B, Q, K) class logits
     return {'loss_ce': loss_ce, 'loss_bbox': l1_box_loss(matched, boxes).sum() / num_boxes,
             'loss_giou': giou_box_loss(matched, boxes).sum() / num_boxes}
 
-# %% ../../nbs/36_models_detr_loss.ipynb #a7bd7235
+# %% ../../nbs/36_models_detr_loss.ipynb #94e2ff02
 def mean_count_across_processes(count: float,  # this process's count (e.g. of objects or matches)
                                 device: torch.device,
                                ) -> float:  # average over processes, at least 1
@@ -108,8 +110,8 @@ def num_boxes_across_processes(targets: list[dict],  # this process's targets
     """Objects per process averaged over all processes, clamped at 1: the loss normaliser."""
     return mean_count_across_processes(sum(len(t['labels']) for t in targets), device)
 
-# %% ../../nbs/36_models_detr_loss.ipynb #b69757b7
-def denoising_indices(dn_meta: dict,  # DINO's pad_size, num_dn_group (+ dn_indices from detlearn.models.denoising)
+# %% ../../nbs/36_models_detr_loss.ipynb #f924518b
+def denoising_indices(dn_meta: dict,  # DINO's pad_size, num_dn_group (+ detlearn's dn_indices)
                       targets: list[dict],
                      ) -> list[tuple[Tensor, Tensor]]:  # per image (query indices, object indices)
     """The (query, object) pairs of the positive denoising queries of each image."""
@@ -126,13 +128,15 @@ def denoising_indices(dn_meta: dict,  # DINO's pad_size, num_dn_group (+ dn_indi
         pairs.append((queries.flatten(), objects.repeat(groups)))
     return pairs
 
-# %% ../../nbs/36_models_detr_loss.ipynb #7ddced3a
+# %% ../../nbs/36_models_detr_loss.ipynb #3ffd2d7b
 class SetCriterion(nn.Module):
-    """DINO's training loss: Hungarian-matched focal + L1 + GIoU on every layer, proposals and denoising queries."""
+    """DINO's training loss: Hungarian-matched focal + L1 + GIoU on all layers, proposals, denoising queries."""
     def __init__(self, cfg: DetrLossConfig, matcher: HungarianMatcher | None = None):
         super().__init__()
         self.cfg = cfg
-        self.matcher = matcher if matcher is not None else HungarianMatcher(alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
+        if matcher is None:
+            matcher = HungarianMatcher(alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
+        self.matcher = matcher
 
     def _group(self, out: dict, targets: list[dict], indices, num_boxes: float, suffix: str) -> dict:
         """Losses of one set of predictions, named with `suffix`."""
@@ -158,7 +162,7 @@ class SetCriterion(nn.Module):
         return losses
 
     def forward(self, outputs: dict,  # official DINO layout, see above
-                targets: list[dict],  # per image: labels (G,) int64, boxes (G, 4) normalised cxcywh (detr_targets)
+                targets: list[dict],  # per image: labels (G,) int64, boxes (G, 4) normalised cxcywh
                ) -> dict[str, Tensor]:  # 'loss' (weighted sum) and every term
         """All DINO loss terms and their weighted sum, computed in float32."""
         with torch.autocast(outputs['pred_logits'].device.type, enabled=False):

@@ -7,7 +7,7 @@ __all__ = ['varifocal_loss', 'matchability_aware_loss', 'fine_grained_localizati
            'distillation_balance', 'union_of_matchings', 'DFineLossConfig', 'classification_term', 'box_terms',
            'localization_terms', 'dfine_denoising_indices', 'DFineCriterion']
 
-# %% ../../nbs/37_models_dfine_loss.ipynb #bf6220c4
+# %% ../../nbs/37_models_dfine_loss.ipynb #39967b39
 from dataclasses import dataclass
 
 import torch
@@ -20,14 +20,14 @@ from .detr_loss import giou_box_loss, l1_box_loss, mean_count_across_processes
 from .fdr import bbox_to_distance
 from ..utils import DetlearnError
 
-# %% ../../nbs/37_models_dfine_loss.ipynb #ca429290
+# %% ../../nbs/37_models_dfine_loss.ipynb #302694da
 def varifocal_loss(logits: Tensor,   # (B, Q, K) class logits
                    onehot: Tensor,   # (B, Q, K) float, 1 at the matched object's class
                    quality: Tensor,  # (B, Q) IoU of each matched query with its object, 0 elsewhere
                    alpha: float = 0.75,  # weight of the negatives (D-FINE: 0.75)
                    gamma: float = 2.0,
                   ) -> Tensor:  # (B, Q, K)
-    """Varifocal loss: BCE towards the IoU for matched classes, focal-style down-weighted BCE towards 0 elsewhere."""
+    """Varifocal loss: BCE towards the IoU for matched classes, down-weighted BCE towards 0 elsewhere."""
     logits = logits.float()
     target = quality.float()[..., None] * onehot
     prob = logits.sigmoid().detach()
@@ -40,14 +40,14 @@ def matchability_aware_loss(logits: Tensor,   # (B, Q, K) class logits
                             alpha: float = 1.0,  # weight of the negatives (DEIM's mal_alpha; None there = 1)
                             gamma: float = 2.0,
                            ) -> Tensor:  # (B, Q, K)
-    """DEIM's matchability-aware loss: BCE towards IoU^gamma (weight 1) for matched classes, VFL's negatives."""
+    """DEIM's matchability-aware loss: BCE towards IoU^gamma (weight 1) on matches, VFL's negatives."""
     logits = logits.float()
     target = (quality.float()[..., None] * onehot) ** gamma
     prob = logits.sigmoid().detach()
     weight = alpha * prob ** gamma * (1 - onehot) + onehot
     return F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction='none')
 
-# %% ../../nbs/37_models_dfine_loss.ipynb #1202be7a
+# %% ../../nbs/37_models_dfine_loss.ipynb #d758aff1
 def fine_grained_localization_loss(corners: Tensor,   # (E, N+1) logits of E edge distributions
                                    position: Tensor,  # (E,) float bin position of the target edge (0..N-eps)
                                    weight_right: Tensor,  # (E,) interpolation weight of bin n+1
@@ -61,7 +61,7 @@ def fine_grained_localization_loss(corners: Tensor,   # (E, N+1) logits of E edg
     ce_right = F.cross_entropy(corners, left + 1, reduction='none')
     return (ce_left * weight_left + ce_right * weight_right) * quality.float()
 
-# %% ../../nbs/37_models_dfine_loss.ipynb #33ab4342
+# %% ../../nbs/37_models_dfine_loss.ipynb #c4fe815b
 def decoupled_distillation_loss(student: Tensor,  # (E, N+1) edge logits of an earlier layer
                                 teacher: Tensor,  # (E, N+1) edge logits of the last layer
                                 weight: Tensor,   # (E,) IoU (matched) or teacher's top probability (others)
@@ -69,7 +69,7 @@ def decoupled_distillation_loss(student: Tensor,  # (E, N+1) edge logits of an e
                                 balance: tuple[float, float],  # (sqrt N_m, sqrt N_u) weights of the two means
                                 temperature: float = 5.0,
                                ) -> Tensor:  # scalar
-    """DDF (GO-LSD): weighted KL(teacher || student) at temperature T, matched and unmatched edges averaged apart."""
+    """DDF (GO-LSD): weighted KL(teacher || student) at temperature T; matched/unmatched averaged apart."""
     student, teacher = student.float(), teacher.float().detach()
     if torch.equal(student, teacher):  # the last layer is its own teacher
         return student.sum() * 0
@@ -88,8 +88,8 @@ def distillation_balance(matched_queries: Tensor,  # (B, Q) bool, queries matche
     n_pos = matched_queries.sum().item() * 4
     return (n_pos * scale) ** 0.5, ((matched_queries.numel() * 4 - n_pos) * scale) ** 0.5
 
-# %% ../../nbs/37_models_dfine_loss.ipynb #880f8044
-def union_of_matchings(matchings: list[list[tuple[Tensor, Tensor]]],  # per set of outputs, per image (queries, objects)
+# %% ../../nbs/37_models_dfine_loss.ipynb #060c8199
+def union_of_matchings(matchings: list[list[tuple[Tensor, Tensor]]],  # per set, per image (queries, objects)
                       ) -> list[tuple[Tensor, Tensor]]:  # per image (queries, objects), each query once
     """GO-LSD's union of matches across layers: each matched query keeps its most frequent object."""
     result = []
@@ -100,10 +100,11 @@ def union_of_matchings(matchings: list[list[tuple[Tensor, Tensor]]],  # per set 
         best = {}
         for query, obj in unique[order].tolist():
             best.setdefault(query, obj)
-        result.append((torch.tensor(list(best), dtype=torch.int64), torch.tensor(list(best.values()), dtype=torch.int64)))
+        queries = torch.tensor(list(best), dtype=torch.int64)
+        result.append((queries, torch.tensor(list(best.values()), dtype=torch.int64)))
     return result
 
-# %% ../../nbs/37_models_dfine_loss.ipynb #dcc4c1c8
+# %% ../../nbs/37_models_dfine_loss.ipynb #9efe0aa7
 @dataclass
 class DFineLossConfig:
     """Weights and settings of D-FINE's criterion (official D-FINE values)."""
@@ -124,16 +125,19 @@ def _matched(targets: list[dict], indices: list[tuple[Tensor, Tensor]], device) 
     """Batch index, query index, label and box (normalised cxcywh) of every matched pair, flattened."""
     batch_idx = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)]).to(device)
     query_idx = torch.cat([q for q, _ in indices]).to(device)
-    labels = torch.cat([t['labels'][o.to(t['labels'].device)] for t, (_, o) in zip(targets, indices)]).to(device)
-    boxes = torch.cat([t['boxes'][o.to(t['boxes'].device)] for t, (_, o) in zip(targets, indices)]).to(device)
+    labels = torch.cat([t['labels'][o.to(t['labels'].device)] for t, (_, o) in zip(targets, indices)])
+    boxes = torch.cat([t['boxes'][o.to(t['boxes'].device)] for t, (_, o) in zip(targets, indices)])
+    labels, boxes = labels.to(device), boxes.to(device)
     return batch_idx, query_idx, labels.long(), boxes.float()
 
 def _pair_iou(pred_cxcywh: Tensor, target_cxcywh: Tensor) -> Tensor:
     """IoU of matched pairs (M,), detached."""
-    return torch.diagonal(box_iou(box_cxcywh_to_xyxy(pred_cxcywh.float()), box_cxcywh_to_xyxy(target_cxcywh))).detach()
+    ious = box_iou(box_cxcywh_to_xyxy(pred_cxcywh.float()), box_cxcywh_to_xyxy(target_cxcywh))  # (M, M)
+    return torch.diagonal(ious).detach()
 
-# %% ../../nbs/37_models_dfine_loss.ipynb #94120d42
-def classification_term(out: dict, targets: list[dict], indices, num_boxes: float, cfg: DFineLossConfig) -> dict:
+# %% ../../nbs/37_models_dfine_loss.ipynb #bef2f4db
+def classification_term(out: dict, targets: list[dict], indices, num_boxes: float,
+                        cfg: DFineLossConfig) -> dict:
     """loss_vfl (or loss_mal) of one set of outputs, unweighted."""
     logits = out['pred_logits']
     b, q, labels, boxes = _matched(targets, indices, logits.device)
@@ -142,7 +146,8 @@ def classification_term(out: dict, targets: list[dict], indices, num_boxes: floa
     quality = torch.zeros(logits.shape[:2], dtype=torch.float32, device=logits.device)  # (B, Q)
     quality[b, q] = _pair_iou(out['pred_boxes'][b, q], boxes)
     if cfg.use_mal:
-        return {'loss_mal': matchability_aware_loss(logits, onehot, quality, cfg.mal_alpha, cfg.gamma).sum() / num_boxes}
+        mal = matchability_aware_loss(logits, onehot, quality, cfg.mal_alpha, cfg.gamma)
+        return {'loss_mal': mal.sum() / num_boxes}
     return {'loss_vfl': varifocal_loss(logits, onehot, quality, cfg.alpha, cfg.gamma).sum() / num_boxes}
 
 def box_terms(out: dict, targets: list[dict], indices, num_boxes: float) -> dict:
@@ -152,7 +157,7 @@ def box_terms(out: dict, targets: list[dict], indices, num_boxes: float) -> dict
     return {'loss_bbox': l1_box_loss(pred, boxes).sum() / num_boxes,
             'loss_giou': giou_box_loss(pred, boxes).sum() / num_boxes}
 
-# %% ../../nbs/37_models_dfine_loss.ipynb #09639602
+# %% ../../nbs/37_models_dfine_loss.ipynb #40a5814e
 def localization_terms(out: dict, targets: list[dict], indices, num_boxes: float, cfg: DFineLossConfig,
                        up: Tensor, reg_scale: Tensor, balance: tuple[float, float]) -> dict:
     """loss_fgl (and loss_ddf when the set has a teacher) of one decoder layer, unweighted."""
@@ -161,23 +166,25 @@ def localization_terms(out: dict, targets: list[dict], indices, num_boxes: float
     bins = cfg.reg_max + 1
     b, q, _, boxes = _matched(targets, indices, out['pred_corners'].device)
     corners = out['pred_corners'].float()                                             # (B, Q, 4*bins)
-    position, w_right, w_left = bbox_to_distance(out['ref_points'][b, q].detach().float(),
-                                                 box_cxcywh_to_xyxy(boxes), cfg.reg_max, reg_scale, up)  # (M, 4) each
+    ref = out['ref_points'][b, q].detach().float()                                   # (M, 4)
+    position, w_right, w_left = bbox_to_distance(ref, box_cxcywh_to_xyxy(boxes), cfg.reg_max, reg_scale, up)
     quality = _pair_iou(out['pred_boxes'][b, q], boxes)                               # (M,)
-    fgl = fine_grained_localization_loss(corners[b, q].reshape(-1, bins), position.reshape(-1),
-                                         w_right.reshape(-1), w_left.reshape(-1), quality.repeat_interleave(4))
+    fgl = fine_grained_localization_loss(corners[b, q].reshape(-1, bins), position.reshape(-1),  # (M*4,)
+                                         w_right.reshape(-1), w_left.reshape(-1),
+                                         quality.repeat_interleave(4))
     terms = {'loss_fgl': fgl.sum() / num_boxes}
     if 'teacher_corners' in out:
         weight = out['teacher_logits'].float().sigmoid().max(-1).values.detach().clone()  # (B, Q)
         weight[b, q] = quality
         matched = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
         matched[b, q] = True
+        teacher = out['teacher_corners'].reshape(-1, bins)                             # (B*Q*4, bins)
         terms['loss_ddf'] = decoupled_distillation_loss(
-            corners.reshape(-1, bins), out['teacher_corners'].reshape(-1, bins), weight.repeat_interleave(4, -1).flatten(),
+            corners.reshape(-1, bins), teacher, weight.repeat_interleave(4, -1).flatten(),
             matched.repeat_interleave(4, -1).flatten(), balance, cfg.temperature)
     return terms
 
-# %% ../../nbs/37_models_dfine_loss.ipynb #ddf4c0f1
+# %% ../../nbs/37_models_dfine_loss.ipynb #e75acacf
 def dfine_denoising_indices(dn_meta: dict, targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
     """Per image (positive denoising queries, their objects) from detlearn's or the official dn_meta."""
     if dn_meta.get('dn_indices') is not None:
@@ -187,13 +194,14 @@ def dfine_denoising_indices(dn_meta: dict, targets: list[dict]) -> list[tuple[Te
     for positive, t in zip(dn_meta['dn_positive_idx'], targets):
         objects = torch.arange(len(t['labels']), dtype=torch.int64).repeat(groups)
         if len(positive) != len(objects):
-            raise DetlearnError(f'dn_meta: {len(positive)} positive queries for {len(t["labels"])} objects x {groups} groups')
+            raise DetlearnError(f'dn_meta: {len(positive)} positive queries for {len(t["labels"])} objects '
+                                f'x {groups} groups')
         pairs.append((positive.long(), objects))
     return pairs
 
-# %% ../../nbs/37_models_dfine_loss.ipynb #078cf37b
+# %% ../../nbs/37_models_dfine_loss.ipynb #008faaa6
 class DFineCriterion(nn.Module):
-    """D-FINE's training loss: VFL/MAL, L1 + GIoU and FGL on the union of matches, DDF distillation, denoising."""
+    """D-FINE's training loss: VFL/MAL, L1 + GIoU and FGL on the union of matches, DDF, denoising."""
     def __init__(self, cfg: DFineLossConfig, matcher: HungarianMatcher | None = None):
         super().__init__()
         self.cfg = cfg
@@ -210,7 +218,7 @@ class DFineCriterion(nn.Module):
         raise DetlearnError(f'unknown D-FINE loss term {name!r}')
 
     def _set(self, out, targets, own, pairs, norms, suffix, context) -> dict:
-        """Weighted, named terms of one set of outputs: classification on `own`, boxes/localisation on `pairs`."""
+        """Weighted, named terms of one set of outputs: classification on `own`, boxes/FGL/DDF on `pairs`."""
         num_boxes, num_pairs = norms
         terms = classification_term(out, targets, own, num_boxes, self.cfg)
         terms.update(box_terms(out, targets, pairs, num_pairs))
@@ -218,7 +226,7 @@ class DFineCriterion(nn.Module):
         return {k + suffix: self.term_weight(k) * v for k, v in terms.items()}
 
     def forward(self, outputs: dict,  # official D-FINE training outputs, see above
-                targets: list[dict],  # per image: labels (G,) int64, boxes (G, 4) normalised cxcywh (detr_targets)
+                targets: list[dict],  # per image: labels (G,) int64, boxes (G, 4) normalised cxcywh
                ) -> dict[str, Tensor]:  # 'loss' (sum) and every weighted term
         """All D-FINE loss terms (weighted, official names) and their sum, computed in float32."""
         with torch.autocast(outputs['pred_logits'].device.type, enabled=False):
@@ -227,11 +235,13 @@ class DFineCriterion(nn.Module):
         return losses
 
     def _main(self, outputs: dict, targets: list[dict]) -> dict:
-        """Terms of the decoder layers, the first-layer head, the encoder proposals and the denoising queries."""
+        """Terms of the decoder layers, the first-layer head, the encoder proposals, the denoising queries."""
         match = lambda out, tg=targets: self.matcher(out['pred_logits'], out['pred_boxes'], tg)
         dev = outputs['pred_logits'].device
-        aux, pre, enc = outputs.get('aux_outputs') or [], outputs.get('pre_outputs'), outputs.get('enc_aux_outputs') or []
-        enc_targets = _class_agnostic(targets) if (outputs.get('enc_meta') or {}).get('class_agnostic') else targets
+        aux, pre = outputs.get('aux_outputs') or [], outputs.get('pre_outputs')
+        enc = outputs.get('enc_aux_outputs') or []
+        agnostic = (outputs.get('enc_meta') or {}).get('class_agnostic', False)
+        enc_targets = _class_agnostic(targets) if agnostic else targets
         own = {'': match(outputs), **{f'_aux_{i}': match(a) for i, a in enumerate(aux)}}
         if pre is not None:
             own['_pre'] = match(pre)
@@ -242,14 +252,17 @@ class DFineCriterion(nn.Module):
         matched = torch.zeros(outputs['pred_logits'].shape[:2], dtype=torch.bool, device=dev)
         b, q, _, _ = _matched(targets, union, dev)
         matched[b, q] = True
-        context = (outputs['up'], outputs['reg_scale'], distillation_balance(matched)) if 'up' in outputs else None
+        context = None
+        if 'up' in outputs:
+            context = (outputs['up'], outputs['reg_scale'], distillation_balance(matched))
         sets = {'': outputs, **{f'_aux_{i}': a for i, a in enumerate(aux)}, '_pre': pre}
         losses = {}
         for suffix, out in sets.items():
             if out is not None:
                 losses.update(self._set(out, targets, own[suffix], union, norms, suffix, context))
         for i, e in enumerate(enc):
-            losses.update(self._set(_no_corners(e), enc_targets, own[f'_enc_{i}'], union, norms, f'_enc_{i}', context))
+            suffix = f'_enc_{i}'
+            losses.update(self._set(_no_corners(e), enc_targets, own[suffix], union, norms, suffix, context))
         losses.update(self._denoising(outputs, targets, norms[0], context))
         return losses
 
@@ -264,10 +277,11 @@ class DFineCriterion(nn.Module):
         for i, out in enumerate(outputs['dn_outputs']):
             losses.update(self._set(out, targets, pairs, pairs, norms, f'_dn_{i}', context))
         if outputs.get('dn_pre_outputs') is not None:
-            losses.update(self._set(outputs['dn_pre_outputs'], targets, pairs, pairs, norms, '_dn_pre', context))
+            pre = outputs['dn_pre_outputs']
+            losses.update(self._set(pre, targets, pairs, pairs, norms, '_dn_pre', context))
         return losses
 
-# %% ../../nbs/37_models_dfine_loss.ipynb #e0844d96
+# %% ../../nbs/37_models_dfine_loss.ipynb #8e9fcb5f
 def _class_agnostic(targets: list[dict]) -> list[dict]:
     """The targets with every label 0 (class-agnostic encoder proposals)."""
     return [{**t, 'labels': torch.zeros_like(t['labels'])} for t in targets]
