@@ -65,3 +65,38 @@ def test_loss_is_float32_under_half_inputs(official):
     half = {'pred_logits': out['pred_logits'].half(), 'pred_boxes': out['pred_boxes'].half()}
     losses = SetCriterion(DetrLossConfig(num_classes=91))(half, official['targets'])
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+
+
+def _take(obj, rows):
+    """The batch rows `rows` of every tensor in a nested output dict (other values unchanged)."""
+    if isinstance(obj, dict):
+        return {k: _take(v, rows) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_take(v, rows) for v in obj]
+    return obj[rows] if torch.is_tensor(obj) else obj
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str):
+    """One of two gloo processes: the loss of its share of the fixture batch, saved to rank{rank}.pt."""
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
+    official = torch.load(FIXTURE, weights_only=True)
+    rows = [0] if rank == 0 else [1, 2]  # 5 objects on rank 0, 0 + 3 on rank 1
+    losses = SetCriterion(DetrLossConfig(num_classes=91))(_take(official['outputs'], rows),
+                                                         [official['targets'][r] for r in rows])
+    torch.save({k: v.detach() for k, v in losses.items()}, Path(out_dir) / f'rank{rank}.pt')
+    dist.destroy_process_group()
+
+
+def test_ddp_mean_of_rank_losses_equals_single_process(official, tmp_path):
+    """With the normaliser averaged over processes, the mean of the ranks' losses (what DDP's gradient
+    averaging optimises) is the single-process loss of the whole batch, although the ranks hold 5 and 3 objects."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = torch.load(tmp_path / 'rank0.pt'), torch.load(tmp_path / 'rank1.pt')
+    for name, value in official['losses'].items():
+        torch.testing.assert_close((r0[name] + r1[name]) / 2, value.float(), rtol=1e-5, atol=1e-7, msg=name)
