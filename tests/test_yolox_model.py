@@ -116,3 +116,60 @@ def test_loss_through_the_model_and_use_l1():
     assert float(losses['loss_l1']) > 0
     torch.testing.assert_close(losses['loss'], losses['loss_iou'] + losses['loss_obj'] + losses['loss_cls'] + losses['loss_l1'])
     assert list(model.state_dict()) == [k for k, _, _ in REFERENCE['yolox_nano']['state_dict']]
+
+
+def randomise_batchnorm(model, seed=0):
+    """Running statistics and affine values a trained network could have (a fresh BN is the identity map)."""
+    g = torch.Generator().manual_seed(seed)
+    for bn in [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]:
+        n = bn.num_features
+        bn.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+        bn.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+        bn.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+        bn.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize('bias,groups,stride', [(False, 1, 1), (True, 4, 2)])
+def test_fold_conv_bn_matches_torch_reference(bias, groups, stride):
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    from detlearn.models.yolox import fold_conv_bn
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 12, 3, stride, 1, groups=groups, bias=bias)
+    bn = randomise_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(12)))[0].eval()
+    ours, ref = fold_conv_bn(conv, bn), fuse_conv_bn_eval(conv.eval(), bn)
+    torch.testing.assert_close(ours.weight, ref.weight, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours.bias, ref.bias, rtol=1e-6, atol=1e-7)
+    x = torch.randn(2, 8, 9, 9)
+    torch.testing.assert_close(ours(x), bn(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('name,channels_last', [('yolox_s', True), ('yolox_nano', False)])
+def test_fused_model_equals_unfused_and_refuses_training(name, channels_last):
+    torch.manual_seed(0)
+    keep_all = {'conf_thre': 0.0}  # random weights score ~1e-4: keep every box, let NMS decide
+    model = randomise_batchnorm(create(name, num_classes=6, cfg_overrides=keep_all)).eval()
+    unfused = create(name, num_classes=6, cfg_overrides=keep_all)
+    unfused.load_state_dict(model.state_dict())
+    x = torch.rand(2, 3, 96, 128) * 255
+    with torch.no_grad():
+        want = unfused.eval()(x)
+        assert model.fuse(channels_last) is model and model.fuse(channels_last) is model  # idempotent
+        got = model(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert model.channels_last is channels_last and not model.training
+    d = want['decoded']
+    torch.testing.assert_close(got['decoded'], d, rtol=1e-4, atol=1e-4 * float(d.abs().max()))
+    sizes = torch.tensor([[480, 640], [96, 128]])
+    for a, b in zip(model.postprocess(got, sizes), unfused.postprocess(want, sizes)):
+        assert a['boxes'].shape == b['boxes'].shape and len(a['boxes']) > 0
+        # random weights give near-equal scores and near-duplicate boxes: rows may swap, and NMS may keep a
+        # neighbour (< 1 px away) of a box instead; match each detection to the nearest of the other list
+        assert torch.equal(a['labels'].sort().values, b['labels'].sort().values)
+        dist = torch.cdist(a['boxes'], b['boxes']) + 1e3 * (a['labels'][:, None] != b['labels'][None])  # (M, M)
+        assert dist.min(1).values.max() < 1 and dist.min(0).values.max() < 1
+    with pytest.raises(DetlearnError, match='cannot train'):
+        model.train()
+    with pytest.raises(RuntimeError, match='Unexpected key'):
+        unfused.load_state_dict(model.state_dict())  # documented: fused weights do not load into an unfused model
+    assert unfused.train().training  # an unfused model still trains
