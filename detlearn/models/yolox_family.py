@@ -6,7 +6,7 @@
 __all__ = ['YOLOX_RECIPES', 'OFFICIAL_RELEASE', 'YOLOX_PRESETS', 'YOLOX_OFFICIAL', 'YOLOX_FAMILY', 'YOLOXAugment',
            'yolox_coco_recipe', 'yolox_train_dataset', 'yolox_eval_transforms', 'yolox_start_epoch',
            'read_official_yolox', 'yolox_official_to_detlearn', 'yolox_num_classes', 'coco80_label_space',
-           'official_preprocess']
+           'official_preprocess', 'yolox_fuse']
 
 # %% ../../nbs/23c_models_yolox_family.ipynb #c38a7ecc
 import json
@@ -152,14 +152,13 @@ YOLOX_OFFICIAL = OfficialFormat(
     weights_urls={name: f'{OFFICIAL_RELEASE}/{name}.pth' for name in YOLOX_PRESETS})
 
 
-def _fuse(model: nn.Module) -> nn.Module:
-    """YOLOX's inference-time conversion: fold BatchNorm into the convolutions when the model can."""
-    fuse = getattr(model, 'fuse', None)
-    return fuse() if callable(fuse) else model
+def yolox_fuse(model: YOLOX) -> YOLOX:
+    """YOLOX's inference-time conversion: every BatchNorm folded into its convolution (`YOLOX.fuse`)."""
+    return model.fuse()
 
 
 YOLOX_FAMILY = Family(
     name='yolox', model_class=YOLOX, presets=YOLOX_PRESETS, recipes=YOLOX_RECIPES,
     default_recipe=lambda preset: yolox_coco_recipe(preset.removeprefix('yolox_')),
     train_dataset=yolox_train_dataset, eval_transforms=yolox_eval_transforms,
-    start_epoch=yolox_start_epoch, official=YOLOX_OFFICIAL, fuse=_fuse)
+    start_epoch=yolox_start_epoch, official=YOLOX_OFFICIAL, fuse=yolox_fuse)
