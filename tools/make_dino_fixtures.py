@@ -2,6 +2,7 @@
 
     python tools/make_dino_fixtures.py OFFICIAL_DINO_DIR OUT_DIR            # reduced model -> OUT_DIR/reduced.pt
     python tools/make_dino_fixtures.py OFFICIAL_DINO_DIR OUT_DIR --full     # dino_4scale_r50 on one ~800 px photo
+    python tools/make_dino_fixtures.py OFFICIAL_DINO_DIR OUT_DIR --swin     # a reduced official Swin -> swin_io.pt
 
 OFFICIAL_DINO_DIR is a checkout of https://github.com/IDEA-Research/DINO at commit
 faa8520fe9604c23ad65a48bc583550a44c0e3ab (the fixtures in tests/data/dino were made from it). Run it with a
@@ -203,12 +204,33 @@ def make_full(official: Path, out_dir: Path) -> None:
                 'outputs': inter}, out_dir / 'full_io.pt')
 
 
+def make_swin(official: Path, out_dir: Path) -> None:
+    """A reduced official SwinTransformer (window 3, odd sizes, padded batch), random weights and bias tables."""
+    patch_official(official, None, 256)
+    from models.dino.swin_transformer import SwinTransformer
+    from util.misc import NestedTensor
+    cfg = dict(embed_dim=8, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4], window_size=3, out_indices=(1, 2, 3))
+    torch.manual_seed(0)
+    swin = SwinTransformer(pretrain_img_size=224, **cfg)
+    swin.eval()  # the official train() returns None, so no chaining
+    with torch.no_grad():
+        for name, p in swin.named_parameters():
+            if 'relative_position_bias_table' in name or name.endswith('bias'): p.normal_(0, 0.5)
+    batch, mask = pad_batch([load_photo('rocket.jpg', 90, 120), load_photo('camera.jpg', 70, 100)])
+    with torch.no_grad():
+        outs = swin(NestedTensor(batch, mask))
+    torch.save({'official_commit': OFFICIAL_COMMIT, 'config': cfg, 'state_dict': swin.state_dict(), 'images': batch,
+                'mask': mask, 'features': [outs[i].tensors for i in range(len(outs))],
+                'masks': [outs[i].mask for i in range(len(outs))]}, out_dir / 'swin_io.pt')
+
+
 if __name__ == '__main__':
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('official', type=Path, help='checkout of IDEA-Research/DINO at ' + OFFICIAL_COMMIT)
     parser.add_argument('out', type=Path, help='output folder (tests/data/dino for the reduced fixture)')
     parser.add_argument('--full', action='store_true', help='the full dino_4scale_r50 on one ~800 px photo')
+    parser.add_argument('--swin', action='store_true', help='a reduced official Swin backbone')
     a = parser.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    (make_full if a.full else make_reduced)(a.official.resolve(), a.out)
+    (make_full if a.full else make_swin if a.swin else make_reduced)(a.official.resolve(), a.out)

@@ -22,9 +22,10 @@ from ..utils import DetlearnError
 
 # %% auto #0
 __all__ = ['DINO_PRESETS', 'DINO_ALIAS_PREFIXES', 'DINO_CLASS_SPECIFIC', 'COCO_CATEGORIES', 'DINOConfig', 'dino_4scale_r50',
-           'dino_5scale_r50', 'build_backbone', 'input_projections', 'DINO', 'aux_outputs', 'split_denoising_outputs',
-           'dino_targets', 'dino_postprocess', 'embed_denoising_groups', 'make_denoising_groups', 'dino_criterion',
-           'read_official_dino', 'dino_official_to_detlearn', 'dino_num_classes', 'dino_label_space']
+           'dino_5scale_r50', 'dino_4scale_swinl', 'build_backbone', 'input_projections', 'DINO', 'aux_outputs',
+           'split_denoising_outputs', 'dino_targets', 'dino_postprocess', 'embed_denoising_groups',
+           'make_denoising_groups', 'dino_criterion', 'read_official_dino', 'dino_official_to_detlearn',
+           'dino_num_classes', 'dino_label_space']
 
 # %% ../../nbs/35b_models_dino.ipynb #017ae850
 @dataclass
@@ -63,7 +64,13 @@ def dino_5scale_r50(num_classes: int = 91) -> DINOConfig:
     return DINOConfig(num_classes=num_classes, return_layers=(1, 2, 3, 4), num_feature_levels=5)
 
 
-DINO_PRESETS = {'dino_4scale_r50': dino_4scale_r50, 'dino_5scale_r50': dino_5scale_r50}
+def dino_4scale_swinl(num_classes: int = 91) -> DINOConfig:
+    """DINO-4scale with Swin-L (384 px, ImageNet-22k; config/DINO/DINO_4scale_swin.py): 217.2 M parameters."""
+    return DINOConfig(num_classes=num_classes, backbone='swin_L_384_22k')
+
+
+DINO_PRESETS = {'dino_4scale_r50': dino_4scale_r50, 'dino_5scale_r50': dino_5scale_r50,
+                'dino_4scale_swinl': dino_4scale_swinl}
 
 # %% ../../nbs/35b_models_dino.ipynb #0a4eff8a
 def build_backbone(cfg: DINOConfig) -> nn.Module:
