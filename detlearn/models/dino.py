@@ -14,17 +14,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..assign.hungarian import detr_targets
 from ..backbones.resnet import ResNet, ResNetBackbone, downsample_mask
-from ..boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
+from ..boxes import box_cxcywh_to_xyxy, inverse_sigmoid
 from ..layers.position import PositionEmbeddingSine
+from .denoising import DenoisingConfig, DenoisingGroups, make_denoising_groups
+from .detr_loss import DetrLossConfig, SetCriterion
 from .dino_transformer import DINOTransformer, box_head, class_head, run_transformer
+from .family import coco_categories
 from ..utils import DetlearnError
 
 # %% auto #0
-__all__ = ['DINO_PRESETS', 'DINO_ALIAS_PREFIXES', 'DINO_CLASS_SPECIFIC', 'COCO_CATEGORIES', 'DINOConfig', 'dino_4scale_r50',
-           'dino_5scale_r50', 'dino_4scale_swinl', 'build_backbone', 'input_projections', 'DINO', 'aux_outputs',
-           'split_denoising_outputs', 'dino_targets', 'dino_postprocess', 'embed_denoising_groups',
-           'make_denoising_groups', 'dino_criterion', 'read_official_dino', 'dino_official_to_detlearn',
+__all__ = ['DINO_PRESETS', 'DINO_ALIAS_PREFIXES', 'DINO_CLASS_SPECIFIC', 'DINOConfig', 'dino_4scale_r50', 'dino_5scale_r50',
+           'dino_4scale_swinl', 'build_backbone', 'input_projections', 'DINO', 'aux_outputs', 'split_denoising_outputs',
+           'dino_postprocess', 'embed_denoising_groups', 'read_official_dino', 'dino_official_to_detlearn',
            'dino_num_classes', 'dino_label_space']
 
 # %% ../../nbs/35b_models_dino.ipynb #017ae850
@@ -156,7 +159,7 @@ class DINO(nn.Module):
 
     def loss(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
         """DINO's set criterion (Hungarian matching, focal + L1 + GIoU, aux, interm and denoising terms)."""
-        return dino_criterion(self, outputs, dino_targets(targets))
+        return SetCriterion(DetrLossConfig(num_classes=self.cfg.num_classes))(outputs, detr_targets(targets))
 
     def postprocess(self, outputs: dict, sizes: Tensor) -> list[dict]:
         """Top-`num_select` (query, class) pairs per image; boxes xyxy in pixels of the original image."""
@@ -179,16 +182,6 @@ def split_denoising_outputs(logits: Tensor, boxes: Tensor,  # (n, B, D+Q, K), (n
                                               'aux_outputs': aux_outputs(dn_logits, dn_boxes)}
     return logits[:, :, pad:], boxes[:, :, pad:], dn_meta
 
-
-def dino_targets(targets: list[dict]) -> list[dict]:
-    """detlearn targets (xyxy pixels of the transformed image, `size` = (h, w)) -> DETR's normalised cxcywh."""
-    out = []
-    for t in targets:
-        h, w = (float(v) for v in t['size'])
-        scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=t['boxes'].device)
-        out.append({'labels': t['labels'], 'boxes': box_xyxy_to_cxcywh(t['boxes'].float()) / scale})
-    return out
-
 # %% ../../nbs/35b_models_dino.ipynb #96bfa2d0
 def dino_postprocess(outputs: dict, sizes: Tensor,  # (B, 2) (h, w) of the original images
                      num_select: int = 300) -> list[dict]:
@@ -206,42 +199,21 @@ def dino_postprocess(outputs: dict, sizes: Tensor,  # (B, 2) (h, w) of the origi
     return [{'boxes': b, 'scores': s, 'labels': l} for b, s, l in zip(boxes_xyxy, scores, labels)]
 
 # %% ../../nbs/35b_models_dino.ipynb #82448dc3
-def embed_denoising_groups(label_enc: nn.Embedding,
-                           groups,  # detlearn.models.denoising.DenoisingGroups: labels, boxes, valid, attn_mask, meta
-                          ) -> tuple[Tensor, Tensor, Tensor, dict]:  # content (B, D, C), boxes (B, D, 4) logits, mask, meta
+def embed_denoising_groups(label_enc: nn.Embedding, groups: DenoisingGroups,
+                          ) -> tuple[Tensor, Tensor, Tensor, dict]:  # content, boxes (logits), attn mask, meta
     """Content = label embedding, position = inverse-sigmoid box (eps 1e-3); padding rows stay zero as officially."""
     valid = groups.valid[..., None]                                                  # (B, D, 1)
-    content = label_enc(groups.labels) * valid
+    content = label_enc(groups.labels) * valid                                        # (B, D, C)
     boxes_unsig = torch.where(valid, inverse_sigmoid(groups.boxes, eps=1e-3), torch.zeros_like(groups.boxes))
     return content, boxes_unsig, groups.attn_mask, groups.meta
 
 
-def make_denoising_groups(model: DINO, targets: list[dict]):  # targets: normalised cxcywh (dino_targets)
-    """The CDN groups of a batch from `detlearn.models.denoising` with DINO's settings (None: no objects)."""
-    try:
-        from detlearn.models.denoising import DenoisingConfig, make_denoising_groups as make_groups
-    except ImportError as e:
-        raise DetlearnError("DINO training with denoising needs detlearn.models.denoising, missing from this "
-                            "install; set dn_number=0 in the DINO config to train without denoising") from e
+def _denoising_or_none(model: DINO, targets: list[dict]) -> tuple[Tensor, Tensor, Tensor, dict] | None:
+    """Embedded denoising queries of a batch with DINO's settings, or None when the batch has no objects."""
     cfg = model.cfg
     dn_cfg = DenoisingConfig(num_denoising=cfg.dn_number, label_noise_ratio=cfg.dn_label_noise_ratio,
                              box_noise_scale=cfg.dn_box_noise_scale, abs_size=False)
-    return make_groups(targets, cfg.num_classes, cfg.num_queries, dn_cfg)
-
-
-def dino_criterion(model: DINO, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
-    """DINO's loss from `detlearn.models.detr_loss` (cls 1, L1 5, GIoU 2 on every layer, interm and denoising)."""
-    try:
-        from detlearn.models.detr_loss import DetrLossConfig, SetCriterion
-    except ImportError as e:
-        raise DetlearnError("DINO.loss needs detlearn.models.detr_loss (the DETR set criterion), missing from "
-                            "this install") from e
-    return SetCriterion(DetrLossConfig(num_classes=model.cfg.num_classes))(outputs, targets)
-
-# %% ../../nbs/35b_models_dino.ipynb #e974226a
-def _denoising_or_none(model: DINO, targets: list[dict]) -> tuple[Tensor, Tensor, Tensor, dict] | None:
-    """Embedded denoising queries of a batch, or None when it has no objects."""
-    groups = make_denoising_groups(model, dino_targets(targets))
+    groups = make_denoising_groups(detr_targets(targets), cfg.num_classes, cfg.num_queries, dn_cfg)
     return None if groups is None else embed_denoising_groups(model.label_enc, groups)
 
 # %% ../../nbs/35b_models_dino.ipynb #6b288881
@@ -282,23 +254,9 @@ def dino_num_classes(state: dict[str, Tensor]) -> int:
     return int(state['class_embed.0.weight'].shape[0])
 
 # %% ../../nbs/35b_models_dino.ipynb #9246053c
-COCO_CATEGORIES = {
-    1: 'person', 2: 'bicycle', 3: 'car', 4: 'motorcycle', 5: 'airplane', 6: 'bus', 7: 'train', 8: 'truck',
-    9: 'boat', 10: 'traffic light', 11: 'fire hydrant', 13: 'stop sign', 14: 'parking meter', 15: 'bench',
-    16: 'bird', 17: 'cat', 18: 'dog', 19: 'horse', 20: 'sheep', 21: 'cow', 22: 'elephant', 23: 'bear',
-    24: 'zebra', 25: 'giraffe', 27: 'backpack', 28: 'umbrella', 31: 'handbag', 32: 'tie', 33: 'suitcase',
-    34: 'frisbee', 35: 'skis', 36: 'snowboard', 37: 'sports ball', 38: 'kite', 39: 'baseball bat',
-    40: 'baseball glove', 41: 'skateboard', 42: 'surfboard', 43: 'tennis racket', 44: 'bottle',
-    46: 'wine glass', 47: 'cup', 48: 'fork', 49: 'knife', 50: 'spoon', 51: 'bowl', 52: 'banana', 53: 'apple',
-    54: 'sandwich', 55: 'orange', 56: 'broccoli', 57: 'carrot', 58: 'hot dog', 59: 'pizza', 60: 'donut',
-    61: 'cake', 62: 'chair', 63: 'couch', 64: 'potted plant', 65: 'bed', 67: 'dining table', 70: 'toilet',
-    72: 'tv', 73: 'laptop', 74: 'mouse', 75: 'remote', 76: 'keyboard', 77: 'cell phone', 78: 'microwave',
-    79: 'oven', 80: 'toaster', 81: 'sink', 82: 'refrigerator', 84: 'book', 85: 'clock', 86: 'vase',
-    87: 'scissors', 88: 'teddy bear', 89: 'hair drier', 90: 'toothbrush'}  # the 80 COCO 2017 detection classes
-
-
 def dino_label_space(num_classes: int) -> tuple[list[str], list[int]]:
     """(name, COCO category id) per logit index: for 91 classes index = category id ('N/A' where unused)."""
     if num_classes != 91:
         raise DetlearnError(f"DINO's official label space has 91 logits (index = COCO id); got {num_classes}")
-    return [COCO_CATEGORIES.get(i, 'N/A') for i in range(91)], list(range(91))
+    names = dict(coco_categories())
+    return [names.get(i, 'N/A') for i in range(91)], list(range(91))
