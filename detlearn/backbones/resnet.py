@@ -73,7 +73,8 @@ class ResNet(nn.Module):
                  freeze_stem_layer1: bool = True):               # as official: only layer2-4 train
         super().__init__()
         if not return_layers or any(i not in (1, 2, 3, 4) for i in return_layers):
-            raise DetlearnError(f"ResNet: return_layers must be a non-empty subset of (1, 2, 3, 4), got {return_layers}")
+            raise DetlearnError("ResNet: return_layers must be a non-empty subset of (1, 2, 3, 4), "
+                                f"got {return_layers}")
         self.return_layers = tuple(return_layers)
         self.conv1, self.bn1 = conv_norm(3, width, 7, 2)
         self.relu = nn.ReLU(inplace=True)
@@ -89,7 +90,8 @@ class ResNet(nn.Module):
         self.strides = [2 ** (i + 1) for i in self.return_layers]                 # e.g. [8, 16, 32]
         if freeze_stem_layer1:
             for name, p in self.named_parameters():
-                if not name.startswith(('layer2', 'layer3', 'layer4')): p.requires_grad_(False)
+                if not name.startswith(('layer2', 'layer3', 'layer4')):
+                    p.requires_grad_(False)
 
     def forward(self, x: Tensor) -> list[Tensor]:  # (B, 3, H, W) -> [(B, C_i, H/s_i, W/s_i)]
         """The maps of `return_layers`, finest first."""
@@ -97,7 +99,8 @@ class ResNet(nn.Module):
         outs = []
         for i in range(1, max(self.return_layers) + 1):
             x = getattr(self, f'layer{i}')(x)
-            if i in self.return_layers: outs.append(x)
+            if i in self.return_layers:
+                outs.append(x)
         return outs
 
 # %% ../../nbs/30_backbones_resnet.ipynb #e14c42c7

@@ -62,7 +62,8 @@ class WindowAttention(nn.Module):
         attn = attn + bias.permute(2, 0, 1).unsqueeze(0)
         if mask is not None:
             nW = mask.shape[0]
-            attn = (attn.view(Bw // nW, nW, self.num_heads, N, N) + mask[None, :, None]).view(Bw, self.num_heads, N, N)
+            attn = attn.view(Bw // nW, nW, self.num_heads, N, N) + mask[None, :, None]  # same mask for every image
+            attn = attn.view(Bw, self.num_heads, N, N)
         return self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(Bw, N, C))
 
 # %% ../../nbs/31_backbones_swin.ipynb #706df73c
@@ -143,12 +144,12 @@ class PatchMerging(nn.Module):
 
 
 class SwinStage(nn.Module):
-    """Blocks of one resolution (every second shifted by M/2), then patch merging unless it is the last stage."""
+    """Blocks of one resolution (every second one shifted by M/2), then patch merging (not in the last stage)."""
     def __init__(self, dim: int, depth: int, num_heads: int, window: int, drop_paths: list[float], merge: bool):
         super().__init__()
         self.window, self.shift = window, window // 2
-        self.blocks = nn.ModuleList(SwinBlock(dim, num_heads, window, 0 if i % 2 == 0 else window // 2, drop_paths[i])
-                                    for i in range(depth))
+        shifts = [0 if i % 2 == 0 else window // 2 for i in range(depth)]
+        self.blocks = nn.ModuleList(SwinBlock(dim, num_heads, window, shifts[i], drop_paths[i]) for i in range(depth))
         self.downsample = PatchMerging(dim) if merge else None
 
     def forward(self, x: Tensor, H: int, W: int) -> tuple[Tensor, Tensor | None]:  # stage output, merged
@@ -184,7 +185,7 @@ class PatchEmbed(nn.Module):
 
 # %% ../../nbs/31_backbones_swin.ipynb #d9562fde
 class SwinTransformer(nn.Module):
-    """Swin backbone returning [(feature, mask)] of the chosen stages (official names: patch_embed, layers, normI)."""
+    """Swin backbone returning [(feature, mask)] of the chosen stages (official names: patch_embed, layers)."""
     def __init__(self, embed_dim: int = 192, depths: tuple[int, ...] = (2, 2, 18, 2),
                  num_heads: tuple[int, ...] = (6, 12, 24, 48), window: int = 12,
                  out_indices: tuple[int, ...] = (1, 2, 3),  # DINO 4scale: stages 1-3 (strides 8, 16, 32)
@@ -192,7 +193,7 @@ class SwinTransformer(nn.Module):
         super().__init__()
         self.out_indices = tuple(out_indices)
         self.patch_embed = PatchEmbed(embed_dim)
-        rates = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()  # also under a meta device
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()  # works on meta too
         dims = [embed_dim * 2 ** i for i in range(len(depths))]
         self.layers = nn.ModuleList(
             SwinStage(dims[i], depths[i], num_heads[i], window, rates[sum(depths[:i]):sum(depths[:i + 1])],
@@ -201,7 +202,9 @@ class SwinTransformer(nn.Module):
             self.add_module(f'norm{i}', nn.LayerNorm(dims[i]))
         self.num_channels = [dims[i] for i in self.out_indices]
 
-    def forward(self, images: Tensor, mask: Tensor) -> list[tuple[Tensor, Tensor]]:  # [((B, C_i, h, w), (B, h, w))]
+    def forward(self, images: Tensor,  # (B, 3, H, W)
+                mask: Tensor,          # (B, H, W) bool, True on padding
+               ) -> list[tuple[Tensor, Tensor]]:  # [((B, C_i, h, w), (B, h, w))]
         """Stage features (after their LayerNorm), finest first, each with its padding mask."""
         x = self.patch_embed(images)
         H, W = x.shape[-2:]

@@ -20,7 +20,7 @@ __all__ = ['sampling_offsets_init', 'sampling_locations', 'MSDeformAttn']
 
 # %% ../../nbs/13_layers_msdeform_attn.ipynb #aff5116d
 def sampling_offsets_init(n_heads: int, n_levels: int, n_points: int) -> Tensor:  # (H, L, P, 2)
-    """Deformable DETR's initial offsets: head m points along angle 2πm/H (max-norm 1), point k at distance k+1."""
+    """Deformable DETR's initial offsets: head m along angle 2πm/H (max-norm 1), point k at distance k+1."""
     thetas = torch.arange(n_heads, dtype=torch.float32) * (2.0 * math.pi / n_heads)
     directions = torch.stack([thetas.cos(), thetas.sin()], -1)                     # (H, 2)
     directions = directions / directions.abs().max(-1, keepdim=True)[0]            # on the unit square
@@ -32,19 +32,20 @@ def sampling_locations(reference_points: Tensor,  # (B, Q, L, 2) xy or (B, Q, L,
                        offsets: Tensor,           # (B, Q, H, L, P, 2) in pixels of each level or box fractions
                        spatial_shapes: Tensor,    # (L, 2) (H_l, W_l)
                       ) -> Tensor:                # (B, Q, H, L, P, 2) normalised xy
-    """Reference + offsets: pixels of each level for 2-d references, offset/P · wh/2 for 4-d (box) references."""
+    """Reference + offsets: pixels of each level for 2-d references, offset/P · wh/2 for 4-d (box) ones."""
     n_points = offsets.shape[-2]
     if reference_points.shape[-1] == 2:
-        normaliser = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(offsets)  # (L, 2) W, H
+        normaliser = spatial_shapes.flip(-1).to(offsets)                    # (L, 2) W_l, H_l
         return reference_points[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
     if reference_points.shape[-1] == 4:
         centre, size = reference_points[:, :, None, :, None, :2], reference_points[:, :, None, :, None, 2:]
         return centre + offsets / n_points * size * 0.5
-    raise DetlearnError(f"reference_points must end in 2 (x, y) or 4 (cx, cy, w, h), got {tuple(reference_points.shape)}")
+    raise DetlearnError("reference_points must end in 2 (x, y) or 4 (cx, cy, w, h), "
+                        f"got {tuple(reference_points.shape)}")
 
 # %% ../../nbs/13_layers_msdeform_attn.ipynb #fb6bb5ef
 class MSDeformAttn(nn.Module):
-    """Multi-scale deformable attention (Zhu et al., 2021): P learned samples per head and level around a reference."""
+    """Multi-scale deformable attention (Zhu et al., 2021): P learned samples per head and level."""
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
         super().__init__()
         if d_model % n_heads != 0:
@@ -57,10 +58,11 @@ class MSDeformAttn(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The official initialisation: zero offset weights with the circular bias pattern, uniform attention."""
+        """The official init: zero offset weights with the circular bias pattern, uniform attention."""
         nn.init.zeros_(self.sampling_offsets.weight)
         with torch.no_grad():
-            self.sampling_offsets.bias.copy_(sampling_offsets_init(self.n_heads, self.n_levels, self.n_points).flatten())
+            pattern = sampling_offsets_init(self.n_heads, self.n_levels, self.n_points)  # (H, L, P, 2)
+            self.sampling_offsets.bias.copy_(pattern.flatten())
         nn.init.zeros_(self.attention_weights.weight)
         nn.init.zeros_(self.attention_weights.bias)
         for proj in (self.value_proj, self.output_proj):

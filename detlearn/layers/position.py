@@ -32,7 +32,7 @@ class PositionEmbeddingSine(nn.Module):
     """DETR's 2-d sine embedding of the unpadded position (y features, then x), from the padding mask."""
     def __init__(self, num_feats: int = 128,        # per axis: d_model / 2
                  temperature: float = 20.0,          # DINO's pe_temperatureH/W (DETR: 10000)
-                 normalize: bool = True,             # divide by the valid size, so images look alike in any batch
+                 normalize: bool = True,             # by the valid size: an image looks alike in any batch
                  scale: float = 2 * math.pi):
         super().__init__()
         self.num_feats, self.temperature, self.normalize, self.scale = num_feats, temperature, normalize, scale
@@ -41,9 +41,10 @@ class PositionEmbeddingSine(nn.Module):
                ) -> Tensor:          # (B, 2·num_feats, H, W) float32
         """The embedding of every pixel of a feature map."""
         if mask.dim() != 3 or mask.dtype != torch.bool:
-            raise DetlearnError(f"PositionEmbeddingSine: mask must be (B, H, W) bool, got {tuple(mask.shape)} {mask.dtype}")
+            raise DetlearnError("PositionEmbeddingSine: mask must be (B, H, W) bool, "
+                                f"got {tuple(mask.shape)} {mask.dtype}")
         not_mask = ~mask
-        y = not_mask.cumsum(1, dtype=torch.float32)                          # (B, H, W) rows counted from the top
+        y = not_mask.cumsum(1, dtype=torch.float32)                          # (B, H, W) rows from the top
         x = not_mask.cumsum(2, dtype=torch.float32)
         if self.normalize:
             eps = 1e-6
@@ -58,7 +59,7 @@ def sine_embed_boxes(boxes: Tensor,            # (..., 2) xy or (..., 4) cxcywh,
                      num_feats: int = 128,     # per coordinate: d_model / 2
                      temperature: float = 10000.0,
                     ) -> Tensor:               # (..., 2·num_feats) or (..., 4·num_feats)
-    """Sine embedding of normalised points or boxes, order (y, x[, w, h]), each scaled by 2π (DINO's decoder)."""
+    """Sine embedding of normalised points or boxes, order (y, x[, w, h]), scaled by 2π (DINO's decoder)."""
     if boxes.shape[-1] not in (2, 4):
         raise DetlearnError(f"sine_embed_boxes: last dimension must be 2 or 4, got {tuple(boxes.shape)}")
     emb = [sine_features(boxes[..., i] * (2 * math.pi), num_feats, temperature) for i in range(boxes.shape[-1])]

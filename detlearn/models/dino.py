@@ -51,8 +51,8 @@ class DINOConfig:
     num_queries: int = 900                 # top-k encoder proposals -> decoder anchors (mixed query selection)
     dropout: float = 0.0                   # DINO trains without dropout in the transformer
     pe_temperature: float = 20.0           # position embedding temperature (DETR: 10000)
-    num_select: int = 300                  # detections kept per image by postprocess (top-k over queries x classes)
-    dn_number: int = 100                   # denoising queries in training (split into groups of 2x the GT count)
+    num_select: int = 300                  # detections per image: top-k over (query, class) pairs
+    dn_number: int = 100                   # denoising queries in training (groups of 2x the GT count)
     dn_label_noise_ratio: float = 0.5      # fraction of denoising labels flipped (half of it, per query)
     dn_box_noise_scale: float = 0.4        # box noise relative to the box size
 
@@ -63,7 +63,7 @@ def dino_4scale_r50(num_classes: int = 91) -> DINOConfig:
 
 
 def dino_5scale_r50(num_classes: int = 91) -> DINOConfig:
-    """DINO-5scale with ResNet-50 (config/DINO/DINO_5scale.py): adds the stride-4 map (layer1), 47.3 M parameters."""
+    """DINO-5scale with ResNet-50 (config/DINO/DINO_5scale.py): adds the stride-4 map, 47.3 M parameters."""
     return DINOConfig(num_classes=num_classes, return_layers=(1, 2, 3, 4), num_feature_levels=5)
 
 
@@ -106,12 +106,12 @@ class DINO(nn.Module):
         super().__init__()
         self.cfg = cfg
         backbone = build_backbone(cfg)
-        self.backbone = nn.ModuleList([backbone])  # official path backbone.0.body.* (backbone.1: position, no weights)
+        self.backbone = nn.ModuleList([backbone])  # official names backbone.0.body.* (backbone.1 had no weights)
         self.position = PositionEmbeddingSine(cfg.hidden_dim // 2, cfg.pe_temperature, normalize=True)
         self.input_proj = input_projections(backbone.num_channels, cfg.num_feature_levels, cfg.hidden_dim)
         self.transformer = DINOTransformer(cfg.hidden_dim, cfg.nheads, cfg.num_feature_levels, cfg.enc_layers,
-                                           cfg.dec_layers, cfg.dim_feedforward, cfg.enc_n_points, cfg.dec_n_points,
-                                           cfg.num_queries, cfg.num_classes, cfg.dropout)
+                                           cfg.dec_layers, cfg.dim_feedforward, cfg.enc_n_points,
+                                           cfg.dec_n_points, cfg.num_queries, cfg.num_classes, cfg.dropout)
         self.label_enc = nn.Embedding(cfg.num_classes + 1, cfg.hidden_dim)  # denoising label embedding
         shared_class, shared_box = class_head(cfg.hidden_dim, cfg.num_classes), box_head(cfg.hidden_dim)
         self.class_embed = nn.ModuleList([shared_class] * cfg.dec_layers)  # one module, official names .0-.5
@@ -132,14 +132,15 @@ class DINO(nn.Module):
                 masks: Tensor | None = None,        # (B, H, W) bool, True on padding
                 targets: list[dict] | None = None,  # training: detlearn targets (xyxy pixels) for denoising
                ) -> dict:
-        """Raw outputs in DINO's layout: pred_logits (B, Q, K), pred_boxes (B, Q, 4) cxcywh, aux, interm, dn_meta."""
+        """Raw outputs, DINO's layout: pred_logits (B, Q, K), pred_boxes (B, Q, 4) cxcywh, aux, interm, dn_meta."""
         if masks is None:
             masks = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
         srcs, level_masks, pos = self.multiscale_features(images, masks)
-        dn = self.denoising_queries(targets) if self.training and targets is not None and self.cfg.dn_number > 0 else None
+        use_dn = self.training and targets is not None and self.cfg.dn_number > 0
+        dn = self.denoising_queries(targets) if use_dn else None
         hs, refs, sel, _ = run_transformer(self.transformer, srcs, level_masks, pos, self.bbox_embed,
                                            None if dn is None else dn[:3])
-        hs[0] = hs[0] + self.label_enc.weight[0, 0] * 0.0  # keeps label_enc in the graph when no denoising (DDP)
+        hs[0] = hs[0] + self.label_enc.weight[0, 0] * 0.0  # label_enc stays in the graph without denoising (DDP)
         logits = torch.stack([head(h) for head, h in zip(self.class_embed, hs)])          # (n, B, Qt, K)
         boxes = torch.stack([(head(h) + inverse_sigmoid(r, eps=1e-3)).sigmoid()          # (n, B, Qt, 4)
                              for head, h, r in zip(self.bbox_embed, hs, refs[:-1])])
@@ -149,7 +150,8 @@ class DINO(nn.Module):
         interm_logits = self.transformer.enc_out_class_embed(sel.enc_hidden)
         out = {'pred_logits': logits[-1], 'pred_boxes': boxes[-1], 'aux_outputs': aux_outputs(logits, boxes),
                'interm_outputs': {'pred_logits': interm_logits, 'pred_boxes': sel.enc_boxes},
-               'interm_outputs_for_matching_pre': {'pred_logits': interm_logits, 'pred_boxes': sel.init_proposals},
+               'interm_outputs_for_matching_pre': {'pred_logits': interm_logits,
+                                                   'pred_boxes': sel.init_proposals},
                'dn_meta': dn_meta}
         return out
 
@@ -173,7 +175,7 @@ def aux_outputs(logits: Tensor, boxes: Tensor) -> list[dict]:  # (n, B, Q, K), (
 
 def split_denoising_outputs(logits: Tensor, boxes: Tensor,  # (n, B, D+Q, K), (n, B, D+Q, 4)
                             dn_meta: dict,                   # needs 'pad_size' = D
-                           ) -> tuple[Tensor, Tensor, dict]:  # matching part, matching part, meta with dn outputs
+                           ) -> tuple[Tensor, Tensor, dict]:  # matching logits, boxes, meta with dn outputs
     """Cut the D denoising queries off the front; the official dn_meta['output_known_lbs_bboxes'] keeps them."""
     pad = dn_meta['pad_size']
     if pad > 0:
@@ -190,7 +192,7 @@ def dino_postprocess(outputs: dict, sizes: Tensor,  # (B, 2) (h, w) of the origi
     B, Q, K = logits.shape
     sizes = torch.as_tensor(sizes, dtype=torch.float32, device=logits.device)
     if sizes.shape != (B, 2):
-        raise DetlearnError(f"DINO.postprocess: sizes must be (B, 2) (h, w) per image, got {tuple(sizes.shape)}")
+        raise DetlearnError(f"DINO.postprocess: sizes must be (B, 2) as (h, w), got {tuple(sizes.shape)}")
     scores, index = logits.sigmoid().flatten(1).topk(min(num_select, Q * K), dim=1)  # (B, k)
     labels, query = index % K, index // K
     boxes_xyxy = box_cxcywh_to_xyxy(boxes_cxcywh).gather(1, query[..., None].expand(-1, -1, 4))
@@ -201,7 +203,7 @@ def dino_postprocess(outputs: dict, sizes: Tensor,  # (B, 2) (h, w) of the origi
 # %% ../../nbs/35b_models_dino.ipynb #82448dc3
 def embed_denoising_groups(label_enc: nn.Embedding, groups: DenoisingGroups,
                           ) -> tuple[Tensor, Tensor, Tensor, dict]:  # content, boxes (logits), attn mask, meta
-    """Content = label embedding, position = inverse-sigmoid box (eps 1e-3); padding rows stay zero as officially."""
+    """Content = label embedding, position = inverse-sigmoid box (eps 1e-3); padding rows zero as officially."""
     valid = groups.valid[..., None]                                                  # (B, D, 1)
     content = label_enc(groups.labels) * valid                                        # (B, D, C)
     boxes_unsig = torch.where(valid, inverse_sigmoid(groups.boxes, eps=1e-3), torch.zeros_like(groups.boxes))
@@ -222,7 +224,7 @@ DINO_CLASS_SPECIFIC = ('class_embed.', 'transformer.enc_out_class_embed.', 'labe
 
 
 def read_official_dino(path: str | Path) -> dict[str, Tensor]:
-    """The weights of an official DINO checkpoint (main.py layout), official names, loaded with weights_only=True."""
+    """The weights of an official DINO checkpoint (main.py layout, official names), read with weights_only."""
     path = Path(path)
     if not path.is_file():
         raise DetlearnError(f"{path}: no such DINO checkpoint file")
@@ -239,11 +241,12 @@ def read_official_dino(path: str | Path) -> dict[str, Tensor]:
 
 
 def dino_official_to_detlearn(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Official DINO names -> detlearn names: strip 'module.', drop the decoder's aliases of the shared heads."""
+    """Official DINO names -> detlearn names: strip 'module.', drop the decoder's aliases of the heads."""
     out = {}
     for name, tensor in state.items():
         name = name[len('module.'):] if name.startswith('module.') else name
-        if not name.startswith(DINO_ALIAS_PREFIXES): out[name] = tensor
+        if not name.startswith(DINO_ALIAS_PREFIXES):
+            out[name] = tensor
     return out
 
 

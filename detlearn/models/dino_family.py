@@ -60,9 +60,12 @@ def dino_eval_transforms(cfg: DINOConfig,
                          size: int | tuple[int, int] | None = None,  # shorter side, or (short, max long)
                         ) -> Compose:
     """Resize the shorter side (800, longer <= 1333 by default) and normalise with ImageNet statistics."""
-    short, max_long = cfg.test_size if size is None else (size if isinstance(size, tuple) else
-                                                           (size, round(size * cfg.test_size[1] / cfg.test_size[0])))
-    return Compose([Resize(short, max_size=max_long), ToTensor(mean=IMAGENET_MEAN, std=IMAGENET_STD, divide=True)])
+    if size is None:
+        size = tuple(cfg.test_size)
+    elif isinstance(size, int):
+        size = (size, round(size * cfg.test_size[1] / cfg.test_size[0]))  # keep the official aspect cap
+    normalize = ToTensor(mean=IMAGENET_MEAN, std=IMAGENET_STD, divide=True)
+    return Compose([Resize(size[0], max_size=size[1]), normalize])
 
 # %% ../../nbs/35c_models_dino_family.ipynb #49c68b99
 DINO_OFFICIAL = OfficialFormat(read=read_official_dino, to_detlearn=dino_official_to_detlearn,

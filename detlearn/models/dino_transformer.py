@@ -79,8 +79,9 @@ def encoder_reference_points(spatial_shapes: Tensor,  # (L, 2) (H_l, W_l)
     """Each token's pixel centre, normalised by the valid image size, then seen on every level."""
     points = []
     for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
-        ref_y, ref_x = torch.meshgrid(torch.linspace(0.5, H - 0.5, H, device=valid_ratios.device),
-                                      torch.linspace(0.5, W - 0.5, W, device=valid_ratios.device), indexing='ij')
+        dev = valid_ratios.device
+        ref_y, ref_x = torch.meshgrid(torch.linspace(0.5, H - 0.5, H, device=dev),
+                                      torch.linspace(0.5, W - 0.5, W, device=dev), indexing='ij')
         ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * H)   # (B, H*W)
         ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * W)
         points.append(torch.stack((ref_x, ref_y), -1))                          # (B, H*W, 2)
@@ -130,7 +131,7 @@ def encoder_proposals(memory: Tensor,          # (B, S, C)
                       padding_mask: Tensor,    # (B, S) bool
                       spatial_shapes: Tensor,  # (L, 2)
                       base_size: float = 0.05, # proposal size on the finest level (doubles per level)
-                     ) -> tuple[Tensor, Tensor]:  # memory (B, S, C) with invalid zeroed, proposals (B, S, 4) logits
+                     ) -> tuple[Tensor, Tensor]:  # memory (B, S, C) invalid zeroed, proposals (B, S, 4) logits
     """A cxcywh proposal per token (inverse-sigmoid; +inf where invalid or padding) and the masked memory."""
     B = memory.shape[0]
     proposals, start = [], 0
@@ -175,14 +176,15 @@ class DINODecoderLayer(nn.Module):
         q = tgt + query_pos
         sa = self.self_attn(q, q, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
         tgt = self.norm2(tgt + self.dropout2(sa))
-        ca = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_mask)
+        ca = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
+                             memory_mask)
         tgt = self.norm1(tgt + self.dropout1(ca))
         ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout4(ffn))
 
 # %% ../../nbs/35_models_dino_transformer.ipynb #d0b02002
 class DINODecoder(nn.Module):
-    """DINO decoder: query positions from the sine embedding of each query's box, box refinement after every layer."""
+    """DINO decoder: query positions from the sine embedding of each box; box refinement after every layer."""
     def __init__(self, layer: DINODecoderLayer, num_layers: int, d_model: int = 256):
         super().__init__()
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
@@ -207,7 +209,7 @@ class DINODecoder(nn.Module):
             out = layer(out, query_pos, boxes_per_level, memory, flat.mask, flat.spatial_shapes,
                         flat.level_start_index, attn_mask)
             new_boxes = (box_head(out) + inverse_sigmoid(boxes, eps=1e-3)).sigmoid()
-            references.append(new_boxes)                                          # kept in the graph: look forward twice
+            references.append(new_boxes)                              # kept in the graph: look forward twice
             boxes = new_boxes.detach()
             outputs.append(self.norm(out))
         return outputs, references
@@ -231,7 +233,7 @@ def box_head(d_model: int) -> MLP:
 class QuerySelection(NamedTuple):
     """What mixed query selection hands to the decoder, and the encoder's own outputs for its loss."""
     boxes_unsig: Tensor   # (B, Q, 4) initial decoder boxes (logits, detached)
-    enc_hidden: Tensor    # (B, Q, C) proposal features of the selected tokens (interm. class logits come from them)
+    enc_hidden: Tensor    # (B, Q, C) proposal features of the selected tokens (-> interm. class logits)
     enc_boxes: Tensor     # (B, Q, 4) sigmoid of the selected proposals + correction (not detached)
     init_proposals: Tensor  # (B, Q, 4) the selected raw proposals, sigmoid
     topk_index: Tensor    # (B, Q) int64 token index of each query
@@ -260,9 +262,11 @@ class DINOTransformer(nn.Module):
     def reset_parameters(self) -> None:
         """Xavier for every matrix, then the deformable layers' own init and a normal level embedding."""
         for p in self.parameters():
-            if p.dim() > 1: nn.init.xavier_uniform_(p)
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
         for m in self.modules():
-            if isinstance(m, MSDeformAttn): m.reset_parameters()
+            if isinstance(m, MSDeformAttn):
+                m.reset_parameters()
         nn.init.normal_(self.level_embed)
 
 # %% ../../nbs/35_models_dino_transformer.ipynb #a7df583b
@@ -278,14 +282,14 @@ def select_queries(tr: DINOTransformer, memory: Tensor, flat: FlatLevels) -> Que
     topk = torch.topk(logits.max(-1)[0], tr.num_queries, dim=1)[1]                    # (B, Q)
     gather = lambda t: torch.gather(t, 1, topk.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
     selected = gather(boxes_unsig)
-    return QuerySelection(boxes_unsig=selected.detach(), enc_hidden=gather(out_memory),
-                          enc_boxes=selected.sigmoid(), init_proposals=gather(proposals).sigmoid(), topk_index=topk)
+    return QuerySelection(boxes_unsig=selected.detach(), enc_hidden=gather(out_memory), enc_boxes=selected.sigmoid(),
+                          init_proposals=gather(proposals).sigmoid(), topk_index=topk)
 
 
 def run_transformer(tr: DINOTransformer, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor],
                     bbox_embed: nn.ModuleList,
-                    dn_queries: tuple[Tensor, Tensor, Tensor] | None = None,  # content (B,D,C), boxes (B,D,4) logits, mask
-                   ) -> tuple[list[Tensor], list[Tensor], QuerySelection, Tensor]:  # hs, references, selection, memory
+                    dn_queries: tuple[Tensor, Tensor, Tensor] | None = None,  # (B,D,C), (B,D,4) logits, mask
+                   ) -> tuple[list[Tensor], list[Tensor], QuerySelection, Tensor]:  # hs, refs, selection, memory
     """Encoder, query selection, decoder (with optional denoising queries prepended)."""
     flat = flatten_levels(srcs, masks, pos_embeds, tr.level_embed)
     memory = tr.encoder(flat)                                                         # (B, S, C)
