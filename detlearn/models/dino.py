@@ -258,8 +258,8 @@ def dino_num_classes(state: dict[str, Tensor]) -> int:
 
 # %% ../../nbs/35b_models_dino.ipynb #9246053c
 def dino_label_space(num_classes: int) -> tuple[list[str], list[int]]:
-    """(name, COCO category id) per logit index: for 91 classes index = category id ('N/A' where unused)."""
-    if num_classes != 91:
-        raise DetlearnError(f"DINO's official label space has 91 logits (index = COCO id); got {num_classes}")
+    """(name, category id) per logit index: index = COCO category id ('N/A' where unused) for DINO's 91 logits."""
+    if num_classes != 91:  # not the official head: numbered classes, index = id as in the official convention
+        return [f'class_{k}' for k in range(num_classes)], list(range(num_classes))
     names = dict(coco_categories())
     return [names.get(i, 'N/A') for i in range(91)], list(range(91))
