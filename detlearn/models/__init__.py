@@ -13,12 +13,14 @@ import torch
 import torch.nn as nn
 
 from .family import Family, replace_config_fields
+from .dino_family import DINO_FAMILY
 from .yolox_family import YOLOX_FAMILY
 from ..utils import DetlearnError
 
 # %% ../../nbs/24_models.ipynb #4196c629
 FAMILIES: dict[str, Family] = {  # family name -> its record
     'yolox': YOLOX_FAMILY,
+    'dino': DINO_FAMILY,
 }
 
 

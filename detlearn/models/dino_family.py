@@ -20,22 +20,28 @@ from ..utils import DetlearnError
 __all__ = ['DINO_RECIPES', 'DINO_OFFICIAL', 'DINO_FAMILY', 'dino_coco_recipe', 'dino_train_dataset', 'dino_eval_transforms']
 
 # %% ../../nbs/35c_models_dino_family.ipynb #f0880963
-_DINO_COCO_AP_12E = {'dino_4scale_r50': 49.0, 'dino_5scale_r50': 49.4, 'dino_4scale_swinl': 56.8}
+_DINO_COCO_AP = {('dino_4scale_r50', 12): 49.0, ('dino_4scale_r50', 24): 50.4, ('dino_4scale_r50', 36): 50.9,
+                 ('dino_5scale_r50', 12): 49.4, ('dino_5scale_r50', 24): 51.3, ('dino_5scale_r50', 36): 51.2,
+                 ('dino_4scale_swinl', 12): 56.8, ('dino_4scale_swinl', 36): 58.0}
+_LR_DROP = {12: 11, 24: 20, 36: 30}  # epoch after which the learning rate is divided by 10
 
 
 def dino_coco_recipe(preset: str = 'dino_4scale_r50', epochs: int = 12) -> Recipe:
-    """The official DINO COCO schedule: AdamW 1e-4 (backbone 1e-5), wd 1e-4, clip 0.1, lr/10 after epoch 11."""
+    """The official DINO COCO schedule: AdamW 1e-4 (backbone 1e-5), wd 1e-4, clip 0.1, one lr drop."""
     if preset not in DINO_PRESETS:
         raise DetlearnError(f"unknown DINO preset {preset!r}; use one of {', '.join(DINO_PRESETS)}")
     optim = OptimConfig(name='adamw', lr=1e-4, lr_per_image=False, weight_decay=1e-4,
                         backbone_lr_mult=0.1, clip_grad_norm=0.1)
-    schedule = ScheduleConfig(name='multistep', warmup_epochs=0, milestones=(epochs - 1,), gamma=0.1)
+    drop = _LR_DROP.get(epochs, max(1, round(epochs * 11 / 12)))
+    schedule = ScheduleConfig(name='multistep', warmup_epochs=0, milestones=(drop,), gamma=0.1)
     loop = LoopConfig(epochs=epochs, batch_size=2, ema=False, eval_every=1, no_aug_epochs=0)  # 2 x 8 GPUs
     return Recipe(preset, 800, TrainConfig(optim=optim, schedule=schedule, loop=loop),
-                  official_ap=_DINO_COCO_AP_12E.get(preset) if epochs == 12 else None, test_size=800)
+                  official_ap=_DINO_COCO_AP.get((preset, epochs)), test_size=800)
 
 
-DINO_RECIPES = {f'{p}_12e_coco': (lambda p=p: dino_coco_recipe(p)) for p in DINO_PRESETS}
+DINO_RECIPES = {f'{p}_{e}e_coco': (lambda p=p, e=e: dino_coco_recipe(p, e)) for p, e in _DINO_COCO_AP
+                if (p, e) in {('dino_4scale_r50', 12), ('dino_4scale_r50', 24), ('dino_4scale_r50', 36),
+                              ('dino_5scale_r50', 12), ('dino_4scale_swinl', 12), ('dino_4scale_swinl', 36)}}
 
 # %% ../../nbs/35c_models_dino_family.ipynb #24a4885d
 class _TransformedDataset(Dataset):
