@@ -14,7 +14,8 @@ Python environment that can import it (torch + the repo's requirements); OUT is 
   used, `model` = the same with one tensor zeroed, so a reader taking the wrong key fails the test).
 * model_equivalence.pt: the small model's official eval outputs (pred_logits, pred_boxes) for two 640x640 images,
   the stage outputs (encoder maps of image 0 as fp16, top-300 query indices), the outputs after the official
-  `deploy()`, the outputs at 352x480 from an official model built for that size (the 640 one raises), official
+  `deploy()`, the outputs at 352x480 from an official model built for that size (the 640 one raises), the top-300
+  indices of those two runs too (rows of near-tied tokens can swap: the test matches rows by them), official
   W(n) and bbox2distance (FGL targets) values, and the arguments used.
 * model_input_{0,1}.png (640x640) and model_input_2.png (352x480): the input images, resized from data_samples
   photos with PIL bilinear; the test reads the PNGs, so inputs are exact.
@@ -161,9 +162,11 @@ def equivalence(official: Path, repo: Path, out: Path) -> dict:
         other.load_state_dict({k: v for k, v in model.state_dict().items()  # all but the size-specific anchors
                                if k not in ('decoder.anchors', 'decoder.valid_mask')}, strict=False)
         res['eval_other'] = {k: v.clone() for k, v in other(x_other).items()}
+        res['topk_other'] = stage_outputs(other, x_other)['topk_index']
         state = {k: v.clone() for k, v in model.state_dict().items()}
         model.deploy()
         res['deploy_640'] = {k: v.clone() for k, v in model(x640).items()}
+        res['topk_deploy_640'] = stage_outputs(model, x640)['topk_index']
         res['num_params_deploy'] = sum(p.numel() for p in model.parameters())
     res['num_params'] = sum(p.numel() for p in build(official, (640, 640)).parameters())
     raw = dict(state)
