@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['detr_targets', 'focal_class_cost', 'matching_costs', 'HungarianMatcher', 'solve_assignment']
 
-# %% ../../nbs/33_assign_hungarian.ipynb #ad9618ef
+# %% ../../nbs/33_assign_hungarian.ipynb #97ca5c81
 import itertools
 
 import torch
@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from ..boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou
 from ..utils import DetlearnError
 
-# %% ../../nbs/33_assign_hungarian.ipynb #20ee8426
-def detr_targets(targets: list[dict],  # per image: boxes (G, 4) xyxy pixels of the transformed image, labels, size (h, w)
+# %% ../../nbs/33_assign_hungarian.ipynb #c44f924e
+def detr_targets(targets: list[dict],  # per image: boxes (G, 4) xyxy pixels (transformed image), labels, size
                 ) -> list[dict]:  # the same dicts with boxes (G, 4) normalised cxcywh (other keys kept)
     """Convert detlearn targets to DETR targets: boxes divided by the image size and turned into cxcywh."""
     out = []
@@ -24,19 +24,20 @@ def detr_targets(targets: list[dict],  # per image: boxes (G, 4) xyxy pixels of 
             raise DetlearnError(f"target {i} needs 'boxes', 'labels' and 'size' (h, w); it has {sorted(t)}")
         boxes = torch.as_tensor(t['boxes'], dtype=torch.float32)
         if boxes.ndim != 2 or boxes.shape[1] != 4:
-            raise DetlearnError(f"target {i}: boxes must be (G, 4) xyxy pixels, got shape {tuple(boxes.shape)}")
+            raise DetlearnError(f'target {i}: boxes must be (G, 4) xyxy pixels, '
+                                f'got shape {tuple(boxes.shape)}')
         h, w = (float(s) for s in t['size'])
         scale = boxes.new_tensor([w, h, w, h])
         out.append({**t, 'boxes': box_xyxy_to_cxcywh(boxes / scale)})  # (G, 4) normalised cxcywh
     return out
 
-# %% ../../nbs/33_assign_hungarian.ipynb #d8114574
+# %% ../../nbs/33_assign_hungarian.ipynb #f568407d
 def focal_class_cost(pred_logits: Tensor,  # (N, K) class logits
                      labels: Tensor,       # (G,) int64 class of each object, 0..K-1
                      alpha: float = 0.25,  # focal loss weight of the positive class
                      gamma: float = 2.0,   # focal loss focusing exponent
                     ) -> Tensor:  # (N, G)
-    """Focal-loss cost of calling each prediction each object: focal(positive) - focal(negative) at its class."""
+    """Focal cost of calling each prediction each object: focal(positive) - focal(negative) at its class."""
     prob = pred_logits.float().sigmoid()[:, labels]                         # (N, G)
     pos = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
     neg = (1 - alpha) * prob ** gamma * -(1 - prob + 1e-8).log()
@@ -54,7 +55,7 @@ def matching_costs(pred_logits: Tensor,  # (N, K) class logits
     cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(boxes))  # (N, G)
     return focal_class_cost(pred_logits, labels, alpha, gamma), cost_l1, cost_giou
 
-# %% ../../nbs/33_assign_hungarian.ipynb #ccb5924e
+# %% ../../nbs/33_assign_hungarian.ipynb #93d3e2e9
 def _check_inputs(pred_logits: Tensor, pred_boxes: Tensor, targets: list[dict]):
     """Raise DetlearnError on shapes or labels the matcher cannot use."""
     if pred_logits.ndim != 3 or pred_boxes.shape != (*pred_logits.shape[:2], 4):
@@ -65,22 +66,23 @@ def _check_inputs(pred_logits: Tensor, pred_boxes: Tensor, targets: list[dict]):
     for i, t in enumerate(targets):
         labels, boxes = t['labels'], t['boxes']
         if boxes.ndim != 2 or boxes.shape[1] != 4 or len(labels) != len(boxes):
-            raise DetlearnError(f'target {i}: need labels (G,) and boxes (G, 4), got {tuple(labels.shape)} and '
-                                f'{tuple(boxes.shape)}')
+            raise DetlearnError(f'target {i}: need labels (G,) and boxes (G, 4), '
+                                f'got {tuple(labels.shape)} and {tuple(boxes.shape)}')
         if len(labels) and (labels.min() < 0 or labels.max() >= pred_logits.shape[-1]):
-            raise DetlearnError(f'target {i}: labels must be in 0..{pred_logits.shape[-1] - 1} (contiguous class '
-                                f'indices), got {labels.min().item()}..{labels.max().item()}')
+            raise DetlearnError(f'target {i}: labels must be in 0..{pred_logits.shape[-1] - 1} (contiguous '
+                                f'class indices), got {labels.min().item()}..{labels.max().item()}')
 
-# %% ../../nbs/33_assign_hungarian.ipynb #4b32baf4
+# %% ../../nbs/33_assign_hungarian.ipynb #3c247508
 class HungarianMatcher(nn.Module):
-    """One-to-one matching of queries to objects minimising a focal class + L1 + GIoU cost (DETR, DINO, D-FINE)."""
+    """One-to-one matching of queries to objects minimising a focal class + L1 + GIoU cost (DINO, D-FINE)."""
     def __init__(self, cost_class: float = 2.0,  # DINO and D-FINE: 2 (DETR's softmax version used 1)
                  cost_bbox: float = 5.0,  # weight of the L1 distance of normalised cxcywh boxes
                  cost_giou: float = 2.0,  # weight of -GIoU
                  alpha: float = 0.25, gamma: float = 2.0):  # focal parameters of the class cost
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
-            raise DetlearnError('HungarianMatcher: at least one of cost_class, cost_bbox, cost_giou must be non-zero')
+            raise DetlearnError('HungarianMatcher: at least one of cost_class, cost_bbox, cost_giou '
+                                'must be non-zero')
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
         self.alpha, self.gamma = alpha, gamma
 
@@ -107,12 +109,12 @@ class HungarianMatcher(nn.Module):
         """Match each image's objects to queries; len of each pair = min(Q, G)."""
         cost = self.cost_matrix(pred_logits, pred_boxes, targets)  # (B, Q, sum G)
         if not torch.isfinite(cost).all():
-            raise DetlearnError('HungarianMatcher: the matching cost has NaN or inf values, so the predictions do '
-                                '(the training diverged: lower the learning rate or check the inputs)')
+            raise DetlearnError('HungarianMatcher: the matching cost has NaN or inf values, so the '
+                                'predictions do (the training diverged: lower the learning rate or check the inputs)')
         sizes = [len(t['boxes']) for t in targets]
         return [solve_assignment(c[b]) for b, c in enumerate(cost.split(sizes, -1))]
 
-# %% ../../nbs/33_assign_hungarian.ipynb #84e6d5f2
+# %% ../../nbs/33_assign_hungarian.ipynb #b9c76612
 def solve_assignment(cost: Tensor,  # (Q, G) cost of each query for each object
                     ) -> tuple[Tensor, Tensor]:  # (query indices, object indices), int64, sorted by query
     """Minimum-cost one-to-one assignment of a rectangular cost matrix (SciPy's linear_sum_assignment)."""

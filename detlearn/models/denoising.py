@@ -6,7 +6,7 @@
 __all__ = ['DenoisingConfig', 'dino_denoising', 'dfine_denoising', 'flip_labels', 'noise_boxes', 'denoising_attn_mask',
            'DenoisingGroups', 'make_denoising_groups']
 
-# %% ../../nbs/34_models_denoising.ipynb #6ae17f54
+# %% ../../nbs/34_models_denoising.ipynb #cc9f4d01
 import warnings
 from dataclasses import dataclass, field
 
@@ -16,13 +16,13 @@ from torch import Tensor
 from ..boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from ..utils import DetlearnError
 
-# %% ../../nbs/34_models_denoising.ipynb #31f8c612
+# %% ../../nbs/34_models_denoising.ipynb #92288b36
 @dataclass
 class DenoisingConfig:
-    """Contrastive denoising (CDN) settings; `dino_denoising()` and `dfine_denoising()` give the official ones."""
+    """Contrastive denoising (CDN) settings; `dino_denoising()`, `dfine_denoising()`: the official ones."""
     num_denoising: int = 100         # budget N_dn: groups = N_dn // (max objects per image); 0 turns CDN off
     label_noise_ratio: float = 0.5   # a label flips to a random class with probability half of this
-    box_noise_scale: float = 1.0     # lambda: positives move corners < lambda * half size, negatives 1-2x that
+    box_noise_scale: float = 1.0     # lambda: positives move corners < lambda * half size, negatives 1-2x
     max_boxes: int | None = 100      # cap on objects per image put in the groups (memory); None = no cap
     abs_size: bool = True            # D-FINE makes a negative noised width/height positive; DINO keeps it
 
@@ -34,7 +34,7 @@ def dfine_denoising() -> DenoisingConfig:
     """D-FINE's CDN settings (num_denoising 100, label noise 0.5, box noise 1.0)."""
     return DenoisingConfig(num_denoising=100, label_noise_ratio=0.5, box_noise_scale=1.0, abs_size=True)
 
-# %% ../../nbs/34_models_denoising.ipynb #c3589d9a
+# %% ../../nbs/34_models_denoising.ipynb #289211a8
 def flip_labels(labels: Tensor,  # (B, D) int64
                 valid: Tensor,   # (B, D) bool, False on padding
                 ratio: float,    # label_noise_ratio; each label flips with probability ratio / 2
@@ -54,7 +54,7 @@ def noise_boxes(boxes_cxcywh: Tensor,  # (B, D, 4) normalised cxcywh
                 abs_size: bool = True,  # make negative widths/heights positive (D-FINE)
                 generator: torch.Generator | None = None,
                ) -> Tensor:  # (B, D, 4) normalised cxcywh
-    """Move each corner by sign * u * scale * half size, u in [0, 1) for positives and [1, 2) for negatives."""
+    """Move each corner by sign * u * scale * half size, u in [0, 1) for positives, [1, 2) for negatives."""
     if scale <= 0:
         return boxes_cxcywh
     dev = boxes_cxcywh.device
@@ -65,7 +65,7 @@ def noise_boxes(boxes_cxcywh: Tensor,  # (B, D, 4) normalised cxcywh
     noised = box_xyxy_to_cxcywh(corners)                                        # (B, D, 4)
     return noised.abs() if abs_size else noised
 
-# %% ../../nbs/34_models_denoising.ipynb #963b3f9d
+# %% ../../nbs/34_models_denoising.ipynb #d76985f3
 def denoising_attn_mask(num_groups: int,   # number of CDN groups
                         group_size: int,   # queries per group: 2 * max objects per image
                         num_queries: int,  # Q matching queries after the denoising ones
@@ -79,10 +79,10 @@ def denoising_attn_mask(num_groups: int,   # number of CDN groups
     mask[:num_dn, :num_dn] = group[:, None] != group[None, :]
     return mask
 
-# %% ../../nbs/34_models_denoising.ipynb #408b65e8
+# %% ../../nbs/34_models_denoising.ipynb #f5cbb9ef
 @dataclass
 class DenoisingGroups:
-    """The CDN queries of one batch: labels and noised boxes to embed, their attention mask and bookkeeping."""
+    """The CDN queries of one batch: labels and noised boxes to embed, their attention mask, bookkeeping."""
     labels: Tensor     # (B, D) int64, noised labels; num_classes on padding
     boxes: Tensor      # (B, D, 4) noised boxes, normalised cxcywh; 0 on padding
     valid: Tensor      # (B, D) bool, False on padding
@@ -97,11 +97,11 @@ def _kept_objects(num: int, cap: int | None, generator, device) -> Tensor:
         return torch.arange(num, device=device)
     if not _warned_cap:
         _warned_cap.append(True)
-        warnings.warn(f'denoising: an image has {num} objects; only a random {cap} of them enter the denoising '
-                      'groups (DenoisingConfig.max_boxes), to bound the memory of the attention mask')
+        warnings.warn(f'denoising: an image has {num} objects; only a random {cap} of them enter the '
+                      'denoising groups (DenoisingConfig.max_boxes), to bound the attention mask\'s memory')
     return torch.randperm(num, generator=generator, device=device)[:cap].sort().values
 
-# %% ../../nbs/34_models_denoising.ipynb #f436f32e
+# %% ../../nbs/34_models_denoising.ipynb #dce618ff
 def _positive_pairs(kept: list[Tensor], num_groups: int, group_size: int) -> list[tuple[Tensor, Tensor]]:
     """Per image (query indices, object indices) of the positive denoising queries, group after group."""
     pairs = []
@@ -111,7 +111,7 @@ def _positive_pairs(kept: list[Tensor], num_groups: int, group_size: int) -> lis
         pairs.append(((offsets + slots).flatten(), k.repeat(num_groups)))                   # (G*g,) each
     return pairs
 
-# %% ../../nbs/34_models_denoising.ipynb #bb015c91
+# %% ../../nbs/34_models_denoising.ipynb #0955bc4d
 def make_denoising_groups(targets: list[dict],  # per image: labels (G,) int64, boxes (G, 4) normalised cxcywh
                           num_classes: int,     # label range for flipping; also the padding label
                           num_queries: int,     # Q matching queries that follow the denoising ones
@@ -136,7 +136,8 @@ def make_denoising_groups(targets: list[dict],  # per image: labels (G,) int64, 
         boxes[b, :len(k)] = t['boxes'][k].float()
         valid[b, :len(k)] = True
     reps = 2 * num_groups
-    labels, boxes, valid = labels.repeat(1, reps), boxes.repeat(1, reps, 1), valid.repeat(1, reps)  # (B, D)...
+    labels, valid = labels.repeat(1, reps), valid.repeat(1, reps)  # (B, D)
+    boxes = boxes.repeat(1, reps, 1)                                # (B, D, 4)
     negative = (torch.arange(reps * max_objects, device=device) // max_objects) % 2 == 1            # (D,)
     labels = flip_labels(labels, valid, cfg.label_noise_ratio, num_classes, generator)
     boxes = noise_boxes(boxes, negative, cfg.box_noise_scale, cfg.abs_size, generator)
