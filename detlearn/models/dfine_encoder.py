@@ -7,7 +7,7 @@ __all__ = ['fuse_conv_bn', 'ConvNorm', 'VGGBlock', 'CSPLayer', 'RepNCSPELAN4', '
            'TransformerEncoderLayer', 'TransformerEncoder', 'HybridEncoderConfig', 'hybrid_encoder_config',
            'aifi_encode', 'fpn_top_down', 'pan_bottom_up', 'HybridEncoder']
 
-# %% ../../nbs/41_models_dfine_encoder.ipynb #88021342
+# %% ../../nbs/41_models_dfine_encoder.ipynb #b672f427
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
@@ -19,7 +19,7 @@ from torch import Tensor
 from ..backbones.hgnetv2 import DFINE_VARIANTS, dfine_variant
 from ..utils import DetlearnError
 
-# %% ../../nbs/41_models_dfine_encoder.ipynb #ee7b1821
+# %% ../../nbs/41_models_dfine_encoder.ipynb #2a6675c3
 def fuse_conv_bn(weight: Tensor,  # (C_out, C_in/groups, k, k) kernel of a conv without bias
                  bn: nn.BatchNorm2d,  # the BatchNorm that follows it (running statistics are used)
                 ) -> tuple[Tensor, Tensor]:  # kernel (C_out, C_in/groups, k, k), bias (C_out,)
@@ -54,7 +54,7 @@ class ConvNorm(nn.Module):
         self.conv_bn_fused = fused.to(weight.device)
         del self.conv, self.norm
 
-# %% ../../nbs/41_models_dfine_encoder.ipynb #fbd24fe2
+# %% ../../nbs/41_models_dfine_encoder.ipynb #066a4c64
 class VGGBlock(nn.Module):
     """RepVGG block: SiLU(BN(3×3 conv x) + BN(1×1 conv x)); `fuse()` makes it one 3×3 conv with bias."""
     def __init__(self, in_channels: int, out_channels: int):
@@ -80,7 +80,7 @@ class VGGBlock(nn.Module):
         self.conv = conv.to(k3.device)
         del self.conv1, self.conv2
 
-# %% ../../nbs/41_models_dfine_encoder.ipynb #a807d31b
+# %% ../../nbs/41_models_dfine_encoder.ipynb #2c051af9
 class CSPLayer(nn.Module):
     """CSP layer of CCFF: two 1×1 branches, n RepVGG blocks on the first, branches summed, optional 1×1."""
     def __init__(self, in_channels: int, out_channels: int, num_blocks: int = 3, expansion: float = 1.0):
@@ -123,7 +123,7 @@ class SCDown(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H/2, W/2)
         return self.cv2(self.cv1(x))
 
-# %% ../../nbs/41_models_dfine_encoder.ipynb #c36625ed
+# %% ../../nbs/41_models_dfine_encoder.ipynb #768aa180
 def sincos_position_embedding_2d(h: int,  # map height (tokens are flattened row-major from (h, w))
                                  w: int,  # map width
                                  dim: int = 256,  # channels, a multiple of 4
@@ -139,7 +139,7 @@ def sincos_position_embedding_2d(h: int,  # map height (tokens are flattened row
     out_y = grid_y.flatten()[:, None] * omega[None]  # (w·h, dim/4): row i has g_y = i % h
     return torch.cat([out_x.sin(), out_x.cos(), out_y.sin(), out_y.cos()], dim=1)[None]  # (1, h·w, dim)
 
-# %% ../../nbs/41_models_dfine_encoder.ipynb #c33b715c
+# %% ../../nbs/41_models_dfine_encoder.ipynb #c0bda4e1
 class TransformerEncoderLayer(nn.Module):
     """AIFI layer: post-norm transformer encoder layer; position added to queries and keys only; GELU FFN."""
     def __init__(self, d_model: int, nhead: int = 8, dim_feedforward: int = 1024, dropout: float = 0.0):
@@ -176,7 +176,7 @@ class TransformerEncoder(nn.Module):
             src = layer(src, pos)
         return src
 
-# %% ../../nbs/41_models_dfine_encoder.ipynb #633ac565
+# %% ../../nbs/41_models_dfine_encoder.ipynb #e12b9e37
 @dataclass(frozen=True)
 class HybridEncoderConfig:
     """D-FINE's HybridEncoder: input projections, AIFI on some levels, CCFF (FPN + PAN of GELAN blocks)."""
@@ -200,7 +200,7 @@ class HybridEncoderConfig:
             raise DetlearnError(f"hidden_dim {self.hidden_dim} must be divisible by 4 and by nhead "
                                 f"{self.nhead}")
 
-# %% ../../nbs/41_models_dfine_encoder.ipynb #b35bea3d
+# %% ../../nbs/41_models_dfine_encoder.ipynb #7a242c19
 _ENCODER_PRESETS = {  # changes from the defaults (= D-FINE-L), per configs/dfine/dfine_hgnetv2_*_coco.yml
     'n': dict(in_channels=(512, 1024), feat_strides=(16, 32), hidden_dim=128, use_encoder_idx=(1,),
               dim_feedforward=512, expansion=0.34, depth_mult=0.5),
@@ -216,7 +216,7 @@ def hybrid_encoder_config(variant: str,  # 'n'..'x' or 'dfine_n'..'dfine_x'
     """The HybridEncoder config of a D-FINE preset (see the table above)."""
     return replace(HybridEncoderConfig(), **_ENCODER_PRESETS[dfine_variant(variant)])
 
-# %% ../../nbs/41_models_dfine_encoder.ipynb #3b297fc6
+# %% ../../nbs/41_models_dfine_encoder.ipynb #6d60dd99
 def aifi_encode(encoder: nn.Module,  # TransformerEncoder
                 x: Tensor,  # (B, C, H, W) projected map
                 temperature: float = 10000.0) -> Tensor:  # (B, C, H, W)
@@ -254,7 +254,7 @@ def pan_bottom_up(inner: list[Tensor],  # output of fpn_top_down
         outs.append(pan_blocks[k](torch.cat([down, high], dim=1)))  # cat: (B, 2C, H_l/2, W_l/2)
     return outs
 
-# %% ../../nbs/41_models_dfine_encoder.ipynb #274c4cc7
+# %% ../../nbs/41_models_dfine_encoder.ipynb #c5aa69c5
 class HybridEncoder(nn.Module):
     """D-FINE HybridEncoder: backbone maps -> same-stride maps of `hidden_dim` channels (AIFI + CCFF)."""
     def __init__(self, cfg: HybridEncoderConfig):
