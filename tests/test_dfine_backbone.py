@@ -2,10 +2,10 @@
 
 Fixtures (tests/data/dfine/backbone_*, made by tools/make_dfine_backbone_fixtures.py):
 * backbone_equivalence.pt: random official weights in official names, inputs and the official outputs of
-  HGNetv2-B0 (D-FINE-N switches, and frozen norms as in L/X), of D-FINE-N's encoder (plain and deployed) and of a
-  small 3-level encoder;
-* backbone_reference.json.gz: every preset's official `backbone.` / `encoder.` tensors (name, shape, kind, order),
-  parameter counts and the encoder's deploy state dict.
+  HGNetv2-B0 (D-FINE-N switches, and frozen norms as in L/X), of D-FINE-N's encoder (plain and deployed)
+  and of a small 3-level encoder;
+* backbone_reference.json.gz: every preset's official `backbone.` / `encoder.` tensors (name, shape, kind,
+  order), parameter counts and the encoder's deploy state dict.
 """
 import gzip
 import json
@@ -25,7 +25,7 @@ OUT = FIXTURE['outputs']
 
 
 def unpack(weights: dict) -> dict:
-    """Stored weights -> tensors: int8 codes × scale for >= 2-dim floats (the values the official run used)."""
+    """Stored weights -> tensors: int8 codes × scale for >= 2-dim floats (what the official run used)."""
     return {k: v['q'].float() * v['scale'] if isinstance(v, dict) else v for k, v in weights.items()}
 
 
@@ -72,7 +72,7 @@ def test_backbone_matches_official(backbone_n, key):
 
 
 def test_frozen_backbone_matches_official(weights):
-    """L/X switches (FrozenBatchNorm2d, frozen stem, no LAB) on B0; the official file's num_batches_tracked are dropped."""
+    """L/X switches (FrozenBatchNorm2d, frozen stem, no LAB) on B0; num_batches_tracked entries are dropped."""
     net = HGNetv2(replace(hgnetv2_config('B0'), freeze_norm=True, freeze_stem=True))
     net.load_state_dict({k: v for k, v in strip('backbone.', weights).items() if '.lab.' not in k})
     with torch.no_grad():
@@ -106,7 +106,8 @@ def test_three_level_encoder_matches_official():
 def entries(module: torch.nn.Module, prefix: str) -> list:
     """[name, shape, 'param' | 'buffer'] of every state-dict entry, in order."""
     params = dict(module.named_parameters())
-    return [[prefix + k, list(v.shape), 'param' if k in params else 'buffer'] for k, v in module.state_dict().items()]
+    kind = lambda k: 'param' if k in params else 'buffer'
+    return [[prefix + k, list(v.shape), kind(k)] for k, v in module.state_dict().items()]
 
 
 @pytest.mark.parametrize('variant', DFINE_VARIANTS)

@@ -2,21 +2,22 @@
 
     python tools/make_dfine_backbone_fixtures.py OFFICIAL_DFINE_DIR OUT [--reference REFERENCE_DIR]
 
-OFFICIAL_DFINE_DIR is a copy of Peterande/D-FINE at commit 4a1f73a8bcfac736a88abde9596d87f116d780a7, run with a
-Python environment that can import it (torch + the repo's requirements); OUT is tests/data/dfine. Files written
-(all with the `backbone_` prefix; the D-FINE model fixtures live beside them):
+OFFICIAL_DFINE_DIR is a copy of Peterande/D-FINE at commit 4a1f73a8bcfac736a88abde9596d87f116d780a7, run
+with a Python environment that can import it (torch + the repo's requirements); OUT is tests/data/dfine.
+Files written (all with the `backbone_` prefix; the D-FINE model fixtures live beside them):
 
-* backbone_reference.json.gz: for each preset n/s/m/l/x, every `backbone.` and `encoder.` checkpoint tensor of the
-  official model (name, shape, 'param' or 'buffer', in official order), the parameter counts (all, trainable), and
-  the encoder's state dict after the official `model.deploy()`.
-* backbone_equivalence.pt: random official weights in official names (He-normal convs, BatchNorm statistics
-  calibrated on noise images; tensors of >= 2 dims stored as int8 codes + one fp32 scale to keep the file small,
-  and the outputs were computed from exactly `q.float() * scale`), uint8 input images, and the official fp32
-  outputs (eval mode, one thread) of HGNetv2-B0 with D-FINE-N switches, of HGNetv2-B0 with frozen norms (the L/X
-  switches), of D-FINE-N's HybridEncoder (plain and after deploy()) and of a small 3-level HybridEncoder.
+* backbone_reference.json.gz: for each preset n/s/m/l/x, every `backbone.` and `encoder.` checkpoint
+  tensor of the official model (name, shape, 'param' or 'buffer', in official order), the parameter counts
+  (all, trainable), and the encoder's state dict after the official `model.deploy()`.
+* backbone_equivalence.pt: random official weights in official names (He-normal convs, BatchNorm
+  statistics calibrated on noise images; tensors of >= 2 dims stored as int8 codes + one fp32 scale to keep
+  the file small, and the outputs were computed from exactly `q.float() * scale`), uint8 input images, and
+  the official fp32 outputs (eval mode, one thread) of HGNetv2-B0 with D-FINE-N switches, of HGNetv2-B0
+  with frozen norms (the L/X switches), of D-FINE-N's HybridEncoder (plain and after deploy()) and of a
+  small 3-level HybridEncoder.
 
-With --reference DIR (the project's reference folder with dfine_{n,s,m,l,x}.json) the recorded names, shapes and
-counts are also checked against those files.
+With --reference DIR (the project's reference folder with dfine_{n,s,m,l,x}.json) the recorded names,
+shapes and counts are also checked against those files.
 """
 import argparse, gzip, json, subprocess, sys
 from pathlib import Path
@@ -25,15 +26,17 @@ import torch
 
 OFFICIAL_COMMIT = '4a1f73a8bcfac736a88abde9596d87f116d780a7'
 VARIANTS = ('n', 's', 'm', 'l', 'x')
-SIZES = {'square': (128, 128), 'nonsquare': (96, 160), 'odd': (97, 130)}  # odd: backbone only (the encoder needs /32)
-ENC_N = dict(in_channels=[512, 1024], feat_strides=[16, 32], hidden_dim=128, use_encoder_idx=[1], dim_feedforward=512,
-             expansion=0.34, depth_mult=0.5)  # configs/dfine/dfine_hgnetv2_n_coco.yml; eval_spatial_size unset
-ENC_3 = dict(in_channels=[256, 512, 1024], feat_strides=[8, 16, 32], hidden_dim=32, nhead=8, dim_feedforward=64,
-             expansion=0.5, depth_mult=0.34)  # a small 3-level encoder (S's expansion/depth, narrow)
+SIZES = {'square': (128, 128), 'nonsquare': (96, 160), 'odd': (97, 130)}  # odd: backbone only (encoder: /32)
+# configs/dfine/dfine_hgnetv2_n_coco.yml; eval_spatial_size unset, so the position embedding fits the input
+ENC_N = dict(in_channels=[512, 1024], feat_strides=[16, 32], hidden_dim=128, use_encoder_idx=[1],
+             dim_feedforward=512, expansion=0.34, depth_mult=0.5)
+# a small 3-level encoder (S's expansion/depth, narrow)
+ENC_3 = dict(in_channels=[256, 512, 1024], feat_strides=[8, 16, 32], hidden_dim=32, nhead=8,
+             dim_feedforward=64, expansion=0.5, depth_mult=0.34)
 
 
 def facts(official: Path, variant: str) -> dict:
-    """Backbone/encoder state-dict entries and counts of one official preset (built like the reference JSON)."""
+    """Backbone/encoder state-dict entries and counts of one official preset (built as for the reference)."""
     from src.core import YAMLConfig
     torch.manual_seed(0)
     model = YAMLConfig(str(official / f'configs/dfine/dfine_hgnetv2_{variant}_coco.yml'),
@@ -47,7 +50,8 @@ def facts(official: Path, variant: str) -> dict:
                      'num_params': sum(p.numel() for p in params.values()),
                      'num_trainable': sum(p.numel() for p in params.values() if p.requires_grad)}
     model.deploy()
-    out['encoder']['deploy_state_dict'] = [[f'encoder.{k}', list(v.shape)] for k, v in model.encoder.state_dict().items()]
+    deployed = model.encoder.state_dict()
+    out['encoder']['deploy_state_dict'] = [[f'encoder.{k}', list(v.shape)] for k, v in deployed.items()]
     return out
 
 
@@ -59,7 +63,8 @@ def check_reference(found: dict, reference: Path) -> None:
             names = [[k, s] for k, s, _ in ref['state_dict'] if k.startswith(part + '.')]
             assert names == [[k, s] for k, s, _ in found[v][part]['state_dict']], (v, part)
             buffers = {k for k in ref['state_dict_buffers'] if k.startswith(part + '.')}
-            assert buffers == {k for k, _, kind in found[v][part]['state_dict'] if kind == 'buffer'}, (v, part)
+            ours = {k for k, _, kind in found[v][part]['state_dict'] if kind == 'buffer'}
+            assert buffers == ours, (v, part)
             assert ref['num_params_by_top_module'][part] == found[v][part]['num_params'], (v, part)
         removed = set(ref['deploy_state_dict_changes']['removed'])
         added = [[k, s] for k, s in ref['deploy_state_dict_changes']['added'] if k.startswith('encoder.')]
@@ -81,7 +86,7 @@ def randomize(module: torch.nn.Module, generator: torch.Generator) -> None:
 
 
 def calibrate(module: torch.nn.Module, batches: list) -> None:
-    """Set BatchNorm statistics to the true ones of `batches`, so that activations keep a unit scale with depth."""
+    """Set BatchNorm statistics to the true ones of `batches`, so activations keep a unit scale with depth."""
     bns = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     for bn in bns:
         bn.reset_running_stats()
@@ -111,7 +116,7 @@ def pack_tensor(t: torch.Tensor) -> tuple:
 
 
 def pack(module: torch.nn.Module, prefix: str) -> dict:
-    """State dict with official names: >= 2-dim floats as {'q': int8, 'scale': fp32} (4× smaller), the rest as is."""
+    """State dict, official names: >= 2-dim floats as {'q': int8, 'scale': fp32} (4× smaller), rest as is."""
     out = {}
     for k, v in module.state_dict().items():
         if v.is_floating_point() and v.ndim >= 2:
@@ -134,13 +139,15 @@ def equivalence() -> dict:
     from src.zoo.dfine.hybrid_encoder import HybridEncoder
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    backbone = HGNetv2('B0', use_lab=True, return_idx=[2, 3], freeze_at=-1, freeze_norm=False, pretrained=False)
+    backbone = HGNetv2('B0', use_lab=True, return_idx=[2, 3], freeze_at=-1, freeze_norm=False,
+                       pretrained=False)
     encoder, encoder3 = HybridEncoder(**ENC_N), HybridEncoder(**ENC_3)
     for m in (backbone, encoder, encoder3):
         randomize(m, g)
     noise = [torch.rand(4, 3, 128, 128, generator=g) for _ in range(2)]
     calibrate(backbone, noise)
-    frozen = HGNetv2('B0', use_lab=False, return_idx=[1, 2, 3], freeze_at=0, freeze_norm=False, pretrained=False).eval()
+    frozen = HGNetv2('B0', use_lab=False, return_idx=[1, 2, 3], freeze_at=0, freeze_norm=False,
+                     pretrained=False).eval()
     frozen.load_state_dict({k: v for k, v in backbone.state_dict().items() if '.lab.' not in k})
     with torch.no_grad():
         calibrate(encoder, [backbone(x) for x in noise])
@@ -149,10 +156,12 @@ def equivalence() -> dict:
         quantize(m)
     weights = pack(backbone, 'backbone.') | pack(encoder, 'encoder.')  # official names, as in a checkpoint
     weights_encoder3 = pack(encoder3, '')
-    frozen = HGNetv2('B0', use_lab=False, return_idx=[1, 2, 3], freeze_at=0, freeze_norm=True, pretrained=False)
+    frozen = HGNetv2('B0', use_lab=False, return_idx=[1, 2, 3], freeze_at=0, freeze_norm=True,
+                     pretrained=False)
     frozen.load_state_dict({k: v for k, v in backbone.state_dict().items() if '.lab.' not in k})
-    inputs = {k: torch.randint(0, 256, (1, 3, *hw), generator=g, dtype=torch.uint8) for k, hw in SIZES.items()}
-    outputs = {'backbone_n': {}, 'encoder_n': {}, 'encoder_n_deploy': {}, 'backbone_frozen': {}, 'encoder3': {}}
+    inputs = {k: torch.randint(0, 256, (1, 3, *hw), generator=g, dtype=torch.uint8)
+              for k, hw in SIZES.items()}
+    outputs = {k: {} for k in ('backbone_n', 'encoder_n', 'encoder_n_deploy', 'backbone_frozen', 'encoder3')}
     for key, image in inputs.items():
         x = image.float() / 255
         outputs['backbone_n'][key] = run(backbone, x)

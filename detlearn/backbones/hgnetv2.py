@@ -7,7 +7,7 @@ __all__ = ['HGNETV2_SIZES', 'DFINE_VARIANTS', 'LearnableAffineBlock', 'ConvBNAct
            'StemBlock', 'HGBlock', 'HGStage', 'HGStageSpec', 'HGNetv2Config', 'hgnetv2_config', 'dfine_variant',
            'dfine_hgnetv2_config', 'freeze_batch_norm', 'HGNetv2']
 
-# %% ../../nbs/40_backbones_hgnetv2.ipynb #ee243c87
+# %% ../../nbs/40_backbones_hgnetv2.ipynb #7195b547
 from dataclasses import dataclass, replace
 
 import torch
@@ -18,7 +18,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from ..utils import DetlearnError
 
-# %% ../../nbs/40_backbones_hgnetv2.ipynb #15428e7d
+# %% ../../nbs/40_backbones_hgnetv2.ipynb #cf9031af
 class LearnableAffineBlock(nn.Module):
     """LAB (learnable affine block): y = a·x + b with one learnable scalar scale a and one scalar bias b."""
     def __init__(self, scale: float = 1.0, bias: float = 0.0):
@@ -31,9 +31,9 @@ class LearnableAffineBlock(nn.Module):
 
 
 class ConvBNAct(nn.Module):
-    """Conv2d (no bias, padding (k-1)//2) → BatchNorm2d → ReLU (if `use_act`) → LAB (if `use_act` and `use_lab`)."""
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1,
-                 use_act: bool = True, use_lab: bool = False):
+    """Conv2d (no bias, padding (k-1)//2) → BatchNorm2d → ReLU if `use_act` → LAB if also `use_lab`."""
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 groups: int = 1, use_act: bool = True, use_lab: bool = False):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=(kernel_size - 1) // 2,
                               groups=groups, bias=False)
@@ -46,7 +46,7 @@ class ConvBNAct(nn.Module):
 
 
 class LightConvBNAct(nn.Module):
-    """Light conv of the HG blocks of stages 3–4: 1×1 conv-BN (no activation), then depthwise k×k conv-BN-ReLU."""
+    """Light conv of stages 2–3: 1×1 conv-BN (no activation), then depthwise k×k conv-BN-ReLU."""
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, use_lab: bool = False):
         super().__init__()
         self.conv1 = ConvBNAct(in_channels, out_channels, 1, use_act=False, use_lab=use_lab)
@@ -55,15 +55,15 @@ class LightConvBNAct(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.conv2(self.conv1(x))
 
-# %% ../../nbs/40_backbones_hgnetv2.ipynb #f162cdcd
+# %% ../../nbs/40_backbones_hgnetv2.ipynb #001d68de
 def pad_right_bottom(x: Tensor,  # (B, C, H, W)
                     ) -> Tensor:  # (B, C, H+1, W+1)
-    """Zero-pad one column on the right and one row at the bottom, the 'same' padding of a 2×2 kernel in HGNetv2."""
+    """Zero-pad one column on the right and one row at the bottom: HGNetv2's 'same' padding for 2×2."""
     return F.pad(x, (0, 1, 0, 1))
 
 
 class StemBlock(nn.Module):
-    """HGNetv2 stem (stride 4): 3×3 s2 conv, then [2×2 max-pool ‖ two 2×2 convs] on right/bottom-padded maps, 3×3 s2, 1×1."""
+    """HGNetv2 stem (stride 4): 3×3 s2; 2×2 max-pool ‖ two 2×2 convs on right/bottom-padded maps; 3×3; 1×1."""
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int, use_lab: bool = False):
         super().__init__()
         self.stem1 = ConvBNAct(in_channels, mid_channels, 3, stride=2, use_lab=use_lab)
@@ -81,11 +81,12 @@ class StemBlock(nn.Module):
         x = torch.cat([pool_branch, conv_branch], dim=1)  # (B, 2·C_mid, H/2, W/2): pool first, as officially
         return self.stem4(self.stem3(x))
 
-# %% ../../nbs/40_backbones_hgnetv2.ipynb #1d82211f
+# %% ../../nbs/40_backbones_hgnetv2.ipynb #aa77daba
 class HGBlock(nn.Module):
-    """HG block: `layer_num` sequential convs, concat [input, all outputs], 'se' aggregation (1×1 to C/2, 1×1 to C)."""
-    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, layer_num: int, kernel_size: int = 3,
-                 residual: bool = False, light_block: bool = False, use_lab: bool = False):
+    """HG block: `layer_num` sequential convs, concat [input, all outputs], 'se' aggregation (1×1, 1×1)."""
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, layer_num: int,
+                 kernel_size: int = 3, residual: bool = False, light_block: bool = False,
+                 use_lab: bool = False):
         super().__init__()
         self.residual = residual
         self.layers = nn.ModuleList()
@@ -96,8 +97,9 @@ class HGBlock(nn.Module):
             else:
                 self.layers.append(ConvBNAct(c_in, mid_channels, kernel_size, use_lab=use_lab))
         total = in_channels + layer_num * mid_channels
-        self.aggregation = nn.Sequential(ConvBNAct(total, out_channels // 2, 1, use_lab=use_lab),  # squeeze
-                                         ConvBNAct(out_channels // 2, out_channels, 1, use_lab=use_lab))  # excitation
+        squeeze = ConvBNAct(total, out_channels // 2, 1, use_lab=use_lab)
+        excitation = ConvBNAct(out_channels // 2, out_channels, 1, use_lab=use_lab)
+        self.aggregation = nn.Sequential(squeeze, excitation)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H, W)
         outputs = [x]
@@ -108,7 +110,7 @@ class HGBlock(nn.Module):
 
 
 class HGStage(nn.Module):
-    """HG stage: optional depthwise 3×3 s2 conv-BN (no activation), then `num_blocks` HG blocks (residual after the first)."""
+    """HG stage: optional depthwise 3×3 s2 conv-BN (no activation), then HG blocks (residual from the 2nd)."""
     def __init__(self, spec: 'HGStageSpec', use_lab: bool = False):
         super().__init__()
         c_in, c_out = spec.in_channels, spec.out_channels
@@ -119,10 +121,10 @@ class HGStage(nn.Module):
                     residual=i > 0, light_block=spec.light_block, use_lab=use_lab)
             for i in range(spec.num_blocks)])
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H/2, W/2) (or H, W without downsample)
+    def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H/2, W/2) (H, W if no downsample)
         return self.blocks(self.downsample(x))
 
-# %% ../../nbs/40_backbones_hgnetv2.ipynb #febdcc13
+# %% ../../nbs/40_backbones_hgnetv2.ipynb #57b01347
 @dataclass(frozen=True)
 class HGStageSpec:
     """One HGNetv2 stage: channels, number of HG blocks, downsampling, conv type and layers per block."""
@@ -130,8 +132,8 @@ class HGStageSpec:
     mid_channels: int  # width of each conv inside an HG block
     out_channels: int
     num_blocks: int
-    downsample: bool  # depthwise 3×3 stride-2 conv first (stages 2–4)
-    light_block: bool  # 1×1 + depthwise k×k convs instead of plain k×k (stages 3–4)
+    downsample: bool  # depthwise 3×3 stride-2 conv first (stages 1–3)
+    light_block: bool  # 1×1 + depthwise k×k convs instead of plain k×k (stages 2–3)
     kernel_size: int
     layer_num: int  # convs per HG block
 
@@ -147,7 +149,7 @@ class HGNetv2Config:
     freeze_stem: bool = False  # stem weights not trained: D-FINE L/X (official freeze_at=0, freeze_stem_only)
     freeze_norm: bool = False  # every BatchNorm2d -> FrozenBatchNorm2d (eps 1e-5): D-FINE L/X
 
-# %% ../../nbs/40_backbones_hgnetv2.ipynb #a09b6d9a
+# %% ../../nbs/40_backbones_hgnetv2.ipynb #eba516e8
 _S = HGStageSpec
 HGNETV2_SIZES = {  # name -> (stem channels, stages); from the official PP-HGNetV2 size table
     'B0': ((3, 16, 16), (_S(16, 16, 64, 1, False, False, 3, 3), _S(64, 32, 256, 1, True, False, 3, 3),
@@ -167,7 +169,7 @@ HGNETV2_SIZES = {  # name -> (stem channels, stages); from the official PP-HGNet
 }
 DFINE_VARIANTS = ('n', 's', 'm', 'l', 'x')
 
-# %% ../../nbs/40_backbones_hgnetv2.ipynb #bfd8332b
+# %% ../../nbs/40_backbones_hgnetv2.ipynb #b001c8ce
 def hgnetv2_config(name: str,  # 'B0'..'B6'
                   ) -> HGNetv2Config:
     """The HGNetv2 size `name` with default switches (no LAB, stages 1–3 returned, nothing frozen)."""
@@ -182,7 +184,8 @@ def dfine_variant(name: str,  # 'n'..'x' or 'dfine_n'..'dfine_x'
     """The D-FINE size letter of a preset name."""
     letter = name.removeprefix('dfine_')
     if letter not in DFINE_VARIANTS:
-        raise DetlearnError(f"unknown D-FINE variant {name!r}; use one of {[f'dfine_{v}' for v in DFINE_VARIANTS]}")
+        names = [f'dfine_{v}' for v in DFINE_VARIANTS]
+        raise DetlearnError(f"unknown D-FINE variant {name!r}; use one of {names}")
     return letter
 
 
@@ -195,9 +198,9 @@ def dfine_hgnetv2_config(variant: str,  # 'n'..'x' or 'dfine_n'..'dfine_x'
     return replace(hgnetv2_config(size), use_lab=not large, return_idx=(2, 3) if v == 'n' else (1, 2, 3),
                    freeze_stem=large, freeze_norm=large)
 
-# %% ../../nbs/40_backbones_hgnetv2.ipynb #6667cc6c
+# %% ../../nbs/40_backbones_hgnetv2.ipynb #9b80d554
 def freeze_batch_norm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm2d in `module` (in place, recursively) by a FrozenBatchNorm2d with the same values."""
+    """Replace every BatchNorm2d in `module` (in place, recursively) by a FrozenBatchNorm2d, same values."""
     if isinstance(module, nn.BatchNorm2d):
         frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
         for name in ('weight', 'bias', 'running_mean', 'running_var'):
@@ -209,9 +212,9 @@ def freeze_batch_norm(module: nn.Module) -> nn.Module:
             setattr(module, name, new)
     return module
 
-# %% ../../nbs/40_backbones_hgnetv2.ipynb #c67e9f49
+# %% ../../nbs/40_backbones_hgnetv2.ipynb #45d8aa9b
 class HGNetv2(nn.Module):
-    """HGNetv2 backbone (PP-HGNetV2 as in D-FINE): (B,3,H,W) -> feature maps of the stages in `cfg.return_idx`."""
+    """HGNetv2 backbone (PP-HGNetV2 as in D-FINE): (B,3,H,W) -> maps of the stages in `cfg.return_idx`."""
     def __init__(self, cfg: HGNetv2Config):
         super().__init__()
         if not cfg.return_idx or not all(0 <= i < len(cfg.stages) for i in cfg.return_idx):

@@ -7,7 +7,7 @@ __all__ = ['fuse_conv_bn', 'ConvNorm', 'VGGBlock', 'CSPLayer', 'RepNCSPELAN4', '
            'TransformerEncoderLayer', 'TransformerEncoder', 'HybridEncoderConfig', 'hybrid_encoder_config',
            'aifi_encode', 'fpn_top_down', 'pan_bottom_up', 'HybridEncoder']
 
-# %% ../../nbs/41_models_dfine_encoder.ipynb #4d0df74e
+# %% ../../nbs/41_models_dfine_encoder.ipynb #b672f427
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
@@ -19,19 +19,19 @@ from torch import Tensor
 from ..backbones.hgnetv2 import DFINE_VARIANTS, dfine_variant
 from ..utils import DetlearnError
 
-# %% ../../nbs/41_models_dfine_encoder.ipynb #3807e899
+# %% ../../nbs/41_models_dfine_encoder.ipynb #2a6675c3
 def fuse_conv_bn(weight: Tensor,  # (C_out, C_in/groups, k, k) kernel of a conv without bias
                  bn: nn.BatchNorm2d,  # the BatchNorm that follows it (running statistics are used)
                 ) -> tuple[Tensor, Tensor]:  # kernel (C_out, C_in/groups, k, k), bias (C_out,)
-    """Kernel and bias of the one conv equal to conv → BatchNorm in eval mode: W' = sW, b' = β − sμ, s = γ/√(σ²+ε)."""
+    """Kernel and bias of the conv equal to conv → BatchNorm (eval): W' = sW, b' = β − sμ, s = γ/√(σ²+ε)."""
     scale = bn.weight / (bn.running_var + bn.eps).sqrt()  # (C_out,)
     return weight * scale.reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
 
 
 class ConvNorm(nn.Module):
-    """Conv2d (no bias, padding (k-1)//2) → BatchNorm2d → SiLU if `act`; `fuse()` folds conv+BN into `conv_bn_fused`."""
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1,
-                 act: bool = False):
+    """Conv2d (no bias, padding (k-1)//2) → BatchNorm2d → SiLU if `act`; `fuse()` makes it `conv_bn_fused`."""
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 groups: int = 1, act: bool = False):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=(kernel_size - 1) // 2,
                               groups=groups, bias=False)
@@ -44,7 +44,7 @@ class ConvNorm(nn.Module):
         return self.act(y)
 
     def fuse(self) -> None:
-        """Replace `conv` and `norm` by one conv with bias (deployment; irreversible, eval-mode statistics)."""
+        """Replace `conv` and `norm` by one conv with bias (deployment; irreversible; eval statistics)."""
         if self.conv_bn_fused is not None:
             return
         c = self.conv
@@ -54,9 +54,9 @@ class ConvNorm(nn.Module):
         self.conv_bn_fused = fused.to(weight.device)
         del self.conv, self.norm
 
-# %% ../../nbs/41_models_dfine_encoder.ipynb #0d7c3b14
+# %% ../../nbs/41_models_dfine_encoder.ipynb #066a4c64
 class VGGBlock(nn.Module):
-    """RepVGG block: SiLU(BN(3×3 conv x) + BN(1×1 conv x)); `fuse()` turns it into one 3×3 conv with bias (`conv`)."""
+    """RepVGG block: SiLU(BN(3×3 conv x) + BN(1×1 conv x)); `fuse()` makes it one 3×3 conv with bias."""
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         self.conv1 = ConvNorm(in_channels, out_channels, 3)
@@ -80,9 +80,9 @@ class VGGBlock(nn.Module):
         self.conv = conv.to(k3.device)
         del self.conv1, self.conv2
 
-# %% ../../nbs/41_models_dfine_encoder.ipynb #0c70a52b
+# %% ../../nbs/41_models_dfine_encoder.ipynb #2c051af9
 class CSPLayer(nn.Module):
-    """CSP layer of CCFF: SiLU-ConvNorm 1×1 branches, n RepVGG blocks on the first, branches summed, optional 1×1."""
+    """CSP layer of CCFF: two 1×1 branches, n RepVGG blocks on the first, branches summed, optional 1×1."""
     def __init__(self, in_channels: int, out_channels: int, num_blocks: int = 3, expansion: float = 1.0):
         super().__init__()
         hidden = int(out_channels * expansion)
@@ -96,12 +96,13 @@ class CSPLayer(nn.Module):
 
 
 class RepNCSPELAN4(nn.Module):
-    """GELAN fusion block (YOLOv9) with RepVGG-CSP layers: split, two CSP+3×3 steps on the second half, concat, 1×1."""
+    """GELAN block (YOLOv9) with RepVGG-CSP layers: split, two CSP+3×3 steps on one half, concat all, 1×1."""
     def __init__(self, in_channels: int, out_channels: int, hidden: int, branch: int, num_blocks: int = 3):
         super().__init__()
         self.c = hidden // 2
         self.cv1 = ConvNorm(in_channels, hidden, 1, act=True)
-        self.cv2 = nn.Sequential(CSPLayer(hidden // 2, branch, num_blocks), ConvNorm(branch, branch, 3, act=True))
+        self.cv2 = nn.Sequential(CSPLayer(hidden // 2, branch, num_blocks),
+                                 ConvNorm(branch, branch, 3, act=True))
         self.cv3 = nn.Sequential(CSPLayer(branch, branch, num_blocks), ConvNorm(branch, branch, 3, act=True))
         self.cv4 = ConvNorm(hidden + 2 * branch, out_channels, 1, act=True)
 
@@ -113,7 +114,7 @@ class RepNCSPELAN4(nn.Module):
 
 
 class SCDown(nn.Module):
-    """SCDown (YOLOv10): 1×1 ConvNorm (channels), then depthwise k×k stride-s ConvNorm (space); no activation."""
+    """SCDown (YOLOv10): 1×1 ConvNorm (channels), then depthwise k×k stride-s ConvNorm; no activation."""
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 2):
         super().__init__()
         self.cv1 = ConvNorm(in_channels, out_channels, 1)
@@ -122,23 +123,23 @@ class SCDown(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H/2, W/2)
         return self.cv2(self.cv1(x))
 
-# %% ../../nbs/41_models_dfine_encoder.ipynb #08eb18d3
+# %% ../../nbs/41_models_dfine_encoder.ipynb #768aa180
 def sincos_position_embedding_2d(h: int,  # map height (tokens are flattened row-major from (h, w))
                                  w: int,  # map width
                                  dim: int = 256,  # channels, a multiple of 4
                                  temperature: float = 10000.0,
                                 ) -> Tensor:  # (1, h·w, dim) float32
-    """D-FINE/RT-DETR 2-D sin-cos embedding [sin x, cos x, sin y, cos y], with the official w-major row order."""
+    """2-D sin-cos embedding [sin x, cos x, sin y, cos y]; rows in the official w-major order."""
     if dim % 4:
-        raise DetlearnError(f"the 2-D sin-cos position embedding needs a channel count divisible by 4, got {dim}")
+        raise DetlearnError(f"the 2-D sin-cos position embedding needs channels divisible by 4, got {dim}")
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))  # (dim/4,)
-    grid_x, grid_y = torch.meshgrid(torch.arange(w, dtype=torch.float32), torch.arange(h, dtype=torch.float32),
-                                    indexing='ij')  # (w, h) each: w-major, as officially
+    xs, ys = torch.arange(w, dtype=torch.float32), torch.arange(h, dtype=torch.float32)
+    grid_x, grid_y = torch.meshgrid(xs, ys, indexing='ij')  # (w, h) each: w-major, as officially
     out_x = grid_x.flatten()[:, None] * omega[None]  # (w·h, dim/4): row i has g_x = i // h
     out_y = grid_y.flatten()[:, None] * omega[None]  # (w·h, dim/4): row i has g_y = i % h
     return torch.cat([out_x.sin(), out_x.cos(), out_y.sin(), out_y.cos()], dim=1)[None]  # (1, h·w, dim)
 
-# %% ../../nbs/41_models_dfine_encoder.ipynb #21b259e6
+# %% ../../nbs/41_models_dfine_encoder.ipynb #c0bda4e1
 class TransformerEncoderLayer(nn.Module):
     """AIFI layer: post-norm transformer encoder layer; position added to queries and keys only; GELU FFN."""
     def __init__(self, d_model: int, nhead: int = 8, dim_feedforward: int = 1024, dropout: float = 0.0):
@@ -175,17 +176,17 @@ class TransformerEncoder(nn.Module):
             src = layer(src, pos)
         return src
 
-# %% ../../nbs/41_models_dfine_encoder.ipynb #d1d8c8ed
+# %% ../../nbs/41_models_dfine_encoder.ipynb #e12b9e37
 @dataclass(frozen=True)
 class HybridEncoderConfig:
-    """D-FINE's HybridEncoder: input projections, AIFI on some levels, CCFF (FPN + PAN of RepNCSPELAN4 blocks)."""
+    """D-FINE's HybridEncoder: input projections, AIFI on some levels, CCFF (FPN + PAN of GELAN blocks)."""
     in_channels: tuple[int, ...] = (512, 1024, 2048)  # backbone channels per level, fine to coarse
     feat_strides: tuple[int, ...] = (8, 16, 32)  # each level's stride; consecutive levels differ by 2×
     hidden_dim: int = 256  # width of every encoder output (N: 128, X: 384)
     nhead: int = 8
     dim_feedforward: int = 1024  # AIFI FFN width (N: 512, X: 2048)
     dropout: float = 0.0  # D-FINE trains AIFI without dropout
-    use_encoder_idx: tuple[int, ...] = (2,)  # AIFI only on the coarsest level: attention is quadratic in tokens
+    use_encoder_idx: tuple[int, ...] = (2,)  # AIFI on the coarsest level only: attention is quadratic
     num_encoder_layers: int = 1
     pe_temperature: float = 10000.0
     expansion: float = 1.0  # width of the RepNCSPELAN4 branches: round(expansion·hidden // 2)
@@ -193,12 +194,13 @@ class HybridEncoderConfig:
 
     def __post_init__(self):
         if len(self.in_channels) != len(self.feat_strides) or len(self.in_channels) < 2:
-            raise DetlearnError(f"in_channels {self.in_channels} and feat_strides {self.feat_strides} must have the "
-                                "same length, at least 2")
+            raise DetlearnError(f"in_channels {self.in_channels} and feat_strides {self.feat_strides} must "
+                                "have the same length, at least 2")
         if self.hidden_dim % 4 or self.hidden_dim % self.nhead:
-            raise DetlearnError(f"hidden_dim {self.hidden_dim} must be divisible by 4 and by nhead {self.nhead}")
+            raise DetlearnError(f"hidden_dim {self.hidden_dim} must be divisible by 4 and by nhead "
+                                f"{self.nhead}")
 
-# %% ../../nbs/41_models_dfine_encoder.ipynb #8d7ce230
+# %% ../../nbs/41_models_dfine_encoder.ipynb #7a242c19
 _ENCODER_PRESETS = {  # changes from the defaults (= D-FINE-L), per configs/dfine/dfine_hgnetv2_*_coco.yml
     'n': dict(in_channels=(512, 1024), feat_strides=(16, 32), hidden_dim=128, use_encoder_idx=(1,),
               dim_feedforward=512, expansion=0.34, depth_mult=0.5),
@@ -214,7 +216,7 @@ def hybrid_encoder_config(variant: str,  # 'n'..'x' or 'dfine_n'..'dfine_x'
     """The HybridEncoder config of a D-FINE preset (see the table above)."""
     return replace(HybridEncoderConfig(), **_ENCODER_PRESETS[dfine_variant(variant)])
 
-# %% ../../nbs/41_models_dfine_encoder.ipynb #67d7d730
+# %% ../../nbs/41_models_dfine_encoder.ipynb #6d60dd99
 def aifi_encode(encoder: nn.Module,  # TransformerEncoder
                 x: Tensor,  # (B, C, H, W) projected map
                 temperature: float = 10000.0) -> Tensor:  # (B, C, H, W)
@@ -227,7 +229,8 @@ def aifi_encode(encoder: nn.Module,  # TransformerEncoder
 
 
 def fpn_top_down(proj: list[Tensor],  # P_1..P_L, each (B, C, H_l, W_l), fine to coarse
-                 lateral_convs: nn.ModuleList, fpn_blocks: nn.ModuleList) -> list[Tensor]:  # [F_1..F_{L-1}, H_L]
+                 lateral_convs: nn.ModuleList,
+                 fpn_blocks: nn.ModuleList) -> list[Tensor]:  # [F_1..F_{L-1}, H_L]
     """FPN path: F_l fuses the upsampled lateral map of the coarser level with P_l."""
     inner = [proj[-1]]
     for k, low in enumerate(reversed(proj[:-1])):  # k-th lateral/fpn block serves level L-1-k
@@ -235,8 +238,9 @@ def fpn_top_down(proj: list[Tensor],  # P_1..P_L, each (B, C, H_l, W_l), fine to
         inner[0] = high
         up = F.interpolate(high, scale_factor=2.0, mode='nearest')  # (B, C, 2h, 2w)
         if up.shape[-2:] != low.shape[-2:]:
-            raise DetlearnError(f"feature maps {tuple(high.shape[-2:])} and {tuple(low.shape[-2:])} are not 2× "
-                                "apart: the image height and width must be multiples of the largest stride (32)")
+            raise DetlearnError(f"feature maps {tuple(high.shape[-2:])} and {tuple(low.shape[-2:])} are not "
+                                "2× apart: the image height and width must be multiples of the largest "
+                                "stride (32)")
         inner.insert(0, fpn_blocks[k](torch.cat([up, low], dim=1)))  # cat: (B, 2C, 2h, 2w)
     return inner
 
@@ -250,7 +254,7 @@ def pan_bottom_up(inner: list[Tensor],  # output of fpn_top_down
         outs.append(pan_blocks[k](torch.cat([down, high], dim=1)))  # cat: (B, 2C, H_l/2, W_l/2)
     return outs
 
-# %% ../../nbs/41_models_dfine_encoder.ipynb #8722e375
+# %% ../../nbs/41_models_dfine_encoder.ipynb #c5aa69c5
 class HybridEncoder(nn.Module):
     """D-FINE HybridEncoder: backbone maps -> same-stride maps of `hidden_dim` channels (AIFI + CCFF)."""
     def __init__(self, cfg: HybridEncoderConfig):
@@ -265,16 +269,19 @@ class HybridEncoder(nn.Module):
             for _ in cfg.use_encoder_idx])
         branch, blocks = round(cfg.expansion * c // 2), round(3 * cfg.depth_mult)
         self.lateral_convs = nn.ModuleList([ConvNorm(c, c, 1) for _ in range(levels - 1)])
-        self.fpn_blocks = nn.ModuleList([RepNCSPELAN4(2 * c, c, 2 * c, branch, blocks) for _ in range(levels - 1)])
+        self.fpn_blocks = nn.ModuleList([RepNCSPELAN4(2 * c, c, 2 * c, branch, blocks)
+                                         for _ in range(levels - 1)])
         self.downsample_convs = nn.ModuleList([nn.Sequential(SCDown(c, c, 3, 2)) for _ in range(levels - 1)])
-        self.pan_blocks = nn.ModuleList([RepNCSPELAN4(2 * c, c, 2 * c, branch, blocks) for _ in range(levels - 1)])
+        self.pan_blocks = nn.ModuleList([RepNCSPELAN4(2 * c, c, 2 * c, branch, blocks)
+                                         for _ in range(levels - 1)])
         self.out_channels = [c] * levels  # channels of each output map
         self.out_strides = list(cfg.feat_strides)  # stride of each output map (the input strides)
 
     def forward(self, feats: list[Tensor],  # per level l: (B, in_channels[l], H_l, W_l), H_l = 2·H_{l+1}
                ) -> list[Tensor]:  # per level l: (B, hidden_dim, H_l, W_l)
         if len(feats) != len(self.cfg.in_channels):
-            raise DetlearnError(f"HybridEncoder expects {len(self.cfg.in_channels)} feature maps, got {len(feats)}")
+            raise DetlearnError(f"HybridEncoder expects {len(self.cfg.in_channels)} feature maps, "
+                                f"got {len(feats)}")
         proj = [p(f) for p, f in zip(self.input_proj, feats)]  # each (B, C, H_l, W_l)
         for encoder, idx in zip(self.encoder, self.cfg.use_encoder_idx):
             proj[idx] = aifi_encode(encoder, proj[idx], self.cfg.pe_temperature)
@@ -282,7 +289,7 @@ class HybridEncoder(nn.Module):
         return pan_bottom_up(inner, self.downsample_convs, self.pan_blocks)
 
     def deploy(self) -> 'HybridEncoder':
-        """Fuse for inference, as the official deploy(): RepVGG blocks -> one 3×3 conv, ConvNorms -> conv_bn_fused."""
+        """Fuse for inference (official deploy()): RepVGG -> one 3×3 conv, ConvNorm -> conv_bn_fused."""
         self.eval()
         for kind in (VGGBlock, ConvNorm):  # RepVGG blocks first: they consume their own ConvNorms
             for m in [m for m in self.modules() if isinstance(m, kind)]:
