@@ -10,7 +10,7 @@ from pathlib import Path
 
 # %% ../nbs/00_utils.ipynb #1d19c73c
 class DetlearnError(Exception):
-    """An error in what the user gave detlearn (a file, an option, a dataset); the CLI prints its message alone."""
+    """An error in what the user gave detlearn (file, option, dataset); the CLI prints its message alone."""
 
 # %% ../nbs/00_utils.ipynb #e0bbfbbd
 def resource_dir(name: str,  # 'cupy_kernels' or 'data_samples'
@@ -19,6 +19,7 @@ def resource_dir(name: str,  # 'cupy_kernels' or 'data_samples'
     import detlearn  # located through the import system, so this also works when run in the notebook
     package = Path(detlearn.__file__).resolve().parent
     for candidate in (package / name, package.parent / name):
-        if candidate.is_dir(): return candidate
+        if candidate.is_dir():
+            return candidate
     raise DetlearnError(f"detlearn's bundled folder {name!r} was not found next to {package}. "
                         "Reinstall detlearn (`pip install detlearn` or `pip install .` from a checkout).")

@@ -104,13 +104,12 @@ def test_user_mistakes_are_one_line(tmp_path):
 @pytest.mark.parametrize('source', ['official', 'detlearn'])
 def test_finetune_onto_other_classes(tmp_path, source):
     """Weights for 80 COCO classes onto the 4 shapes classes: only the class tensors start afresh, and they are named."""
-    from detlearn.hub import detlearn_to_official
     from detlearn.models import create
     torch.manual_seed(0)
     coco = create('yolox_nano', num_classes=80)
     state = coco.state_dict()
     if source == 'official':  # the official file layout (NOTES.md): weights under 'model', plus training state
-        torch.save({'start_epoch': 300, 'model': detlearn_to_official(state), 'optimizer': {}, 'best_ap': 25.8}, tmp_path / 'w.pth')
+        torch.save({'start_epoch': 300, 'model': dict(state), 'optimizer': {}, 'best_ap': 25.8}, tmp_path / 'w.pth')
     else:  # a detlearn checkpoint of another dataset
         torch.save({'model': state, 'class_names': [f'c{i}' for i in range(80)], 'cat_ids': list(range(1, 81))}, tmp_path / 'w.pth')
     r = detlearn('train', '--model', 'yolox_nano', '--train-ann', SHAPES / 'train.json', '--train-images', SHAPES / 'train',
@@ -139,3 +138,35 @@ def test_training_refuses_a_broken_dataset_unless_told_to_drop(tmp_path):
     assert 'bad.json' in r.stderr and str(bad_id) in r.stderr  # the doctor's report names the file and the annotation
     r = detlearn(*args, '--drop-bad-annotations', cwd=tmp_path)
     assert 'dropped 1 annotations' in r.stderr and (tmp_path / 'run' / 'last.pth').exists()
+
+
+def test_predict_skips_corrupt_images_and_says_so(run, tmp_path):
+    d, _ = run
+    folder = tmp_path / 'imgs'
+    folder.mkdir()
+    for name in sorted(p.name for p in (SHAPES / 'val').iterdir())[:2]:
+        shutil.copy(SHAPES / 'val' / name, folder / name)
+    (folder / 'broken.jpg').write_bytes(b'\xff\xd8\xff not really a jpeg')
+    r = detlearn('predict', '--checkpoint', d / 'run' / 'last.pth', folder, '--out', tmp_path / 'out', cwd=d, ok=False)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert 'broken.jpg' in r.stderr and 'skipped' in r.stderr  # reported with its reason, listed at the end
+    results = json.loads((tmp_path / 'out' / 'predictions.json').read_text())
+    assert {x['file_name'] for x in results} <= {p.name for p in folder.iterdir()} - {'broken.jpg'}
+    assert len(list((tmp_path / 'out').glob('*.png'))) == 2  # the readable images were all processed
+
+
+def test_eval_and_predict_accept_official_weights(tmp_path):
+    """`--model PRESET --weights official.pth` works for eval and predict, as it does for the pipeline."""
+    from detlearn.models import create
+    torch.manual_seed(0)
+    torch.save({'start_epoch': 300, 'model': create('yolox_nano', num_classes=80).state_dict(), 'optimizer': {}},
+               tmp_path / 'yolox_nano.pth')
+    photos = ROOT / 'data_samples' / 'photos'
+    r = detlearn('eval', '--model', 'yolox_nano', '--weights', 'yolox_nano.pth', '--ann', photos / 'annotations.json',
+                 '--images', photos / 'images', '--img-size', 128, '--json', 'ap.json', cwd=tmp_path)
+    assert 'person' in r.stdout and json.loads((tmp_path / 'ap.json').read_text())['AP'] >= 0
+    r = detlearn('predict', '--model', 'yolox_nano', '--weights', 'yolox_nano.pth', photos / 'images',
+                 '--out', 'pred', '--img-size', 128, cwd=tmp_path)
+    assert (tmp_path / 'pred' / 'predictions.json').is_file()
+    r = detlearn('predict', '--model', 'yolox_nano', photos / 'images', '--out', 'pred', cwd=tmp_path, ok=False)
+    assert r.returncode == 2 and 'needs --weights' in r.stderr

@@ -1,5 +1,6 @@
 """Official-checkpoint loading: an official-layout file made from detlearn's own model, and its corruptions."""
 import argparse
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from detlearn import hub
+from detlearn.models.yolox_family import official_preprocess
 from detlearn.models import create
 from detlearn.utils import DetlearnError
 
@@ -31,7 +33,7 @@ def save_official(tmp_path, state_dict, name='ckpt.pth', wrap=True):
 
 
 def test_round_trip_gives_identical_outputs(tmp_path, source):
-    path = save_official(tmp_path, hub.detlearn_to_official(source.state_dict()))
+    path = save_official(tmp_path, source.state_dict())
     model = hub.load_official('yolox_nano', path)
     assert not model.training
     x = torch.rand(2, 3, 96, 64) * 255
@@ -55,7 +57,7 @@ def test_bare_state_dict_and_ddp_prefix(tmp_path, source):
      'backbone.backbone.stem.conv.conv.weight (16, 3, 3, 3) vs (16, 12, 3, 3)'),
 ])
 def test_corrupted_checkpoints_fail_naming_the_tensor(tmp_path, source, corrupt, message):
-    path = save_official(tmp_path, corrupt(hub.detlearn_to_official(source.state_dict())))
+    path = save_official(tmp_path, corrupt(source.state_dict()))
     with pytest.raises(DetlearnError) as e:
         hub.load_official('yolox_nano', path)
     assert message in str(e.value)
@@ -66,8 +68,10 @@ def test_wrong_preset_pickled_objects_and_missing_file(tmp_path, source):
     with pytest.raises(DetlearnError, match='Is it a checkpoint of this preset'):
         hub.load_official('yolox_s', path)
     torch.save({'model': source.state_dict(), 'args': argparse.Namespace(lr=1)}, tmp_path / 'ns.pth')
-    with pytest.raises(DetlearnError, match='weights_only=True'):
-        hub.load_official('yolox_nano', tmp_path / 'ns.pth')
+    assert hub.load_official('yolox_nano', tmp_path / 'ns.pth').cfg.num_classes == 80  # Namespace: allow-listed
+    torch.save({'model': source.state_dict(), 'work_dir': Path('runs')}, tmp_path / 'obj.pth')
+    with pytest.raises(DetlearnError, match='could not read checkpoint .*obj.pth'):
+        hub.load_official('yolox_nano', tmp_path / 'obj.pth')
     with pytest.raises(DetlearnError, match='does not exist'):
         hub.load_official('yolox_nano', tmp_path / 'missing.pth')
     torch.save({'epoch': 3}, tmp_path / 'other.pth')
@@ -100,11 +104,11 @@ def test_official_preprocess_matches_the_official_recipe(hw):
     rng = np.random.default_rng(0)
     img_bgr = rng.integers(0, 256, (*hw, 3), dtype=np.uint8)
     want, r_want = official_preproc(img_bgr, (64, 96))
-    x, r = hub.official_preprocess(img_bgr[..., ::-1], (64, 96))  # given RGB
+    x, r = official_preprocess(img_bgr[..., ::-1], (64, 96))  # given RGB
     assert r == r_want and torch.equal(x[0], torch.from_numpy(want))
-    x_bgr, _ = hub.official_preprocess(img_bgr, (64, 96), channels='bgr')
+    x_bgr, _ = official_preprocess(img_bgr, (64, 96), channels='bgr')
     assert torch.equal(x_bgr, x)
-    legacy, _ = hub.official_preprocess(img_bgr, (64, 96), legacy=True, channels='bgr')
+    legacy, _ = official_preprocess(img_bgr, (64, 96), legacy=True, channels='bgr')
     ref = want[::-1] / 255.0  # legacy ValTransform: RGB, /255, ImageNet mean/std
     ref = (ref - np.array([0.485, 0.456, 0.406]).reshape(3, 1, 1)) / np.array([0.229, 0.224, 0.225]).reshape(3, 1, 1)
     torch.testing.assert_close(legacy[0], torch.from_numpy(ref.astype(np.float32)), rtol=1e-5, atol=1e-5)

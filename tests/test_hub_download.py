@@ -107,11 +107,11 @@ def test_corrupt_cache(server, tmp_path):
 def test_env_cache_dir_and_unknown_preset(monkeypatch, tmp_path):
     monkeypatch.setenv('DETLEARN_CACHE', str(tmp_path))
     assert hub.weights_cache_dir() == tmp_path and hub.weights_cache_dir(tmp_path / 'x') == tmp_path / 'x'
-    with pytest.raises(DetlearnError, match='no official weights known'):
+    with pytest.raises(DetlearnError, match="unknown model 'yolox_huge'"):
         hub.weights_path_for('yolox_huge')
-    assert sorted(hub.OFFICIAL_WEIGHTS) == sorted(['yolox_nano', 'yolox_tiny', 'yolox_s', 'yolox_m', 'yolox_l', 'yolox_x'])
-    assert hub.OFFICIAL_WEIGHTS['yolox_s']['url'] == \
-        'https://github.com/Megvii-BaseDetection/YOLOX/releases/download/0.1.1rc0/yolox_s.pth'
+    for name in ['yolox_nano', 'yolox_tiny', 'yolox_s', 'yolox_m', 'yolox_l', 'yolox_x']:
+        assert hub.official_weights_url(name) == \
+            f'https://github.com/Megvii-BaseDetection/YOLOX/releases/download/0.1.1rc0/{name}.pth'
 
 
 def test_pipeline_downloads_official_weights(server, monkeypatch, tmp_path):
@@ -119,11 +119,11 @@ def test_pipeline_downloads_official_weights(server, monkeypatch, tmp_path):
     reference = create('yolox_nano').eval()
     for conv in [*reference.head.obj_preds, *reference.head.cls_preds]: torch.nn.init.zeros_(conv.bias)  # scores ~0.25
     buf = io.BytesIO()
-    torch.save({'model': hub.detlearn_to_official(reference.state_dict()), 'start_epoch': 300, 'optimizer': {}}, buf)
+    torch.save({'model': reference.state_dict(), 'start_epoch': 300, 'optimizer': {}}, buf)
     server.files['/yolox_nano.pth'] = buf.getvalue()
     monkeypatch.setenv('DETLEARN_CACHE', str(tmp_path))
-    monkeypatch.setitem(hub.OFFICIAL_WEIGHTS, 'yolox_nano', {'url': f'{server.url}/yolox_nano.pth',
-                                                              'sha256': hashlib.sha256(buf.getvalue()).hexdigest()})
+    monkeypatch.setitem(hub.official_format('yolox_nano').weights_urls, 'yolox_nano', f'{server.url}/yolox_nano.pth')
+    monkeypatch.setitem(hub.OFFICIAL_SHA256, 'yolox_nano', hashlib.sha256(buf.getvalue()).hexdigest())
     image = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
     pipe = pipeline('image-object-detection', model='yolox_nano', weights=None, device='auto', score_threshold=0.2)
     assert (tmp_path / 'yolox_nano.pth.sha256').is_file()
@@ -138,6 +138,6 @@ def test_pipeline_downloads_official_weights(server, monkeypatch, tmp_path):
 
 def test_pipeline_offline_message(monkeypatch, tmp_path):
     monkeypatch.setenv('DETLEARN_CACHE', str(tmp_path))
-    monkeypatch.setitem(hub.OFFICIAL_WEIGHTS, 'yolox_nano', {'url': 'http://127.0.0.1:9/yolox_nano.pth', 'sha256': None})
+    monkeypatch.setitem(hub.official_format('yolox_nano').weights_urls, 'yolox_nano', 'http://127.0.0.1:9/yolox_nano.pth')
     with pytest.raises(DetlearnError, match='seems offline.*pass weights=PATH'):
         pipeline('image-object-detection', model='yolox_nano')

@@ -18,15 +18,18 @@ from ..utils import DetlearnError
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 def _image_files(images_dir: Path) -> list:
-    if not images_dir.is_dir(): raise DetlearnError(f"Images folder not found: {images_dir}")
+    if not images_dir.is_dir():
+        raise DetlearnError(f"Images folder not found: {images_dir}")
     files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files: raise DetlearnError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in {images_dir}")
+    if not files:
+        raise DetlearnError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in {images_dir}")
     return files
 
 def _read_class_names(class_names: Union[Sequence[str], str, Path]) -> list:
     if isinstance(class_names, (str, Path)):
         path = Path(class_names)
-        if not path.is_file(): raise DetlearnError(f"Class names file not found: {path} (one name per line)")
+        if not path.is_file():
+            raise DetlearnError(f"Class names file not found: {path} (one name per line)")
         return [line.strip() for line in path.read_text().splitlines() if line.strip()]
     return list(class_names)
 
@@ -50,10 +53,14 @@ def _parse_yolo_line(line: str, where: str, n_classes: int) -> tuple:
     if len(parts) != 5:
         hint = ' (a segmentation polygon? only boxes are supported)' if len(parts) > 5 else ''
         raise DetlearnError(f"{where}: expected 'class cx cy w h', got {len(parts)} fields{hint}: {line!r}")
-    try: cls, vals = int(parts[0]), [float(v) for v in parts[1:]]
-    except ValueError: raise DetlearnError(f"{where}: not numbers: {line!r}") from None
+    try:
+        cls, vals = int(parts[0]), [float(v) for v in parts[1:]]
+    except ValueError:
+        raise DetlearnError(f"{where}: not numbers: {line!r}") from None
     if not 0 <= cls < n_classes:
-        raise DetlearnError(f"{where}: class {cls} is outside 0..{n_classes - 1} ({n_classes} class names given)")
+        raise DetlearnError(
+            f"{where}: class {cls} is outside 0..{n_classes - 1} ({n_classes} class names given)"
+        )
     if any(v < -0.01 or v > 1.01 for v in vals):
         raise DetlearnError(f"{where}: values must be normalised to [0, 1] (pixels given?): {line!r}")
     return cls, *vals
@@ -61,12 +68,14 @@ def _parse_yolo_line(line: str, where: str, n_classes: int) -> tuple:
 # %% ../../nbs/03_data_convert.ipynb #6af4ebcd
 def yolo_to_coco(images_dir: Union[str, Path],  # images (any of IMAGE_SUFFIXES)
                  labels_dir: Union[str, Path],  # <image stem>.txt files, lines 'class cx cy w h' normalised
-                 class_names: Union[Sequence[str], str, Path],  # names in class-index order, or a file, one per line
+                 # names in class-index order, or a file, one per line
+                 class_names: Union[Sequence[str], str, Path],
                  out_json: Union[str, Path, None] = None,  # where to write the COCO json (None: don't write)
                 ) -> dict:
-    """Convert YOLO txt labels to a COCO dataset dict (category id = class index + 1); writes out_json if given."""
+    """Convert YOLO txt labels to a COCO dict (category id = class index + 1); writes out_json if given."""
     images_dir, labels_dir, names = Path(images_dir), Path(labels_dir), _read_class_names(class_names)
-    if not labels_dir.is_dir(): raise DetlearnError(f"Labels folder not found: {labels_dir}")
+    if not labels_dir.is_dir():
+        raise DetlearnError(f"Labels folder not found: {labels_dir}")
     images, anns = [], []
     for image_id, path in enumerate(_image_files(images_dir), 1):
         h, w = read_image_size(path)
@@ -74,63 +83,87 @@ def yolo_to_coco(images_dir: Union[str, Path],  # images (any of IMAGE_SUFFIXES)
         label_file = labels_dir / f'{path.stem}.txt'
         lines = label_file.read_text().splitlines() if label_file.is_file() else []
         for n, line in enumerate(lines, 1):
-            if not line.strip(): continue
+            if not line.strip():
+                continue
             cls, cx, cy, bw, bh = _parse_yolo_line(line, f'{label_file}:{n}', len(names))
-            box_xywh = [(cx - bw / 2) * w, (cy - bh / 2) * h, bw * w, bh * h]  # normalised centre -> pixel corner
+            # normalised centre -> pixel corner
+            box_xywh = [(cx - bw / 2) * w, (cy - bh / 2) * h, bw * w, bh * h]
             anns.append(_annotation(len(anns) + 1, image_id, cls + 1, box_xywh))
     return _write_coco(images, anns, names, out_json)
 
 # %% ../../nbs/03_data_convert.ipynb #5db62731
 def _xml_text(node: ET.Element, tag: str, where: Path) -> str:
     child = node.find(tag)
-    if child is None or child.text is None: raise DetlearnError(f"{where}: missing <{tag}>")
+    if child is None or child.text is None:
+        raise DetlearnError(f"{where}: missing <{tag}>")
     return child.text.strip()
 
 def _parse_voc_xml(xml_file: Path) -> tuple:
     """(filename or None, (w, h) or None, [(name, difficult, xmin, ymin, xmax, ymax), ...]) from a VOC xml."""
-    try: root = ET.parse(xml_file).getroot()
-    except ET.ParseError as e: raise DetlearnError(f"{xml_file} is not valid XML: {e}") from None
+    try:
+        root = ET.parse(xml_file).getroot()
+    except ET.ParseError as e:
+        raise DetlearnError(f"{xml_file} is not valid XML: {e}") from None
     filename = root.findtext('filename')
     size = root.find('size')
-    wh = (int(float(_xml_text(size, 'width', xml_file))), int(float(_xml_text(size, 'height', xml_file)))) if size is not None else None
+    wh = (
+        (int(float(_xml_text(size, 'width', xml_file))), int(float(_xml_text(size, 'height', xml_file))))
+        if size is not None
+        else None
+    )
     objects = []
     for obj in root.findall('object'):
         box = obj.find('bndbox')
-        if box is None: raise DetlearnError(f"{xml_file}: an <object> has no <bndbox>")
+        if box is None:
+            raise DetlearnError(f"{xml_file}: an <object> has no <bndbox>")
         corners = [float(_xml_text(box, t, xml_file)) for t in ('xmin', 'ymin', 'xmax', 'ymax')]
-        objects.append((_xml_text(obj, 'name', xml_file), int(obj.findtext('difficult', '0').strip() or 0), *corners))
+        objects.append(
+            (_xml_text(obj, 'name', xml_file), int(obj.findtext('difficult', '0').strip() or 0), *corners)
+        )
     return (filename.strip() if filename else None), wh, objects
 
 # %% ../../nbs/03_data_convert.ipynb #c67a3c20
 def _voc_image(xml_file: Path, filename: Optional[str], images_dir: Path) -> Path:
     """The image an xml describes: its <filename>, else an image with the xml's stem."""
-    if filename and (images_dir / filename).is_file(): return images_dir / filename
+    if filename and (images_dir / filename).is_file():
+        return images_dir / filename
     for suffix in IMAGE_SUFFIXES:
-        if (images_dir / f'{xml_file.stem}{suffix}').is_file(): return images_dir / f'{xml_file.stem}{suffix}'
+        if (images_dir / f'{xml_file.stem}{suffix}').is_file():
+            return images_dir / f'{xml_file.stem}{suffix}'
     raise DetlearnError(f"{xml_file}: image {filename or xml_file.stem + '.*'} not found in {images_dir}")
 
 def voc_to_coco(xml_dir: Union[str, Path],  # Pascal VOC .xml files (Annotations/)
                 images_dir: Union[str, Path],  # the images (JPEGImages/)
                 out_json: Union[str, Path, None] = None,  # where to write the COCO json (None: don't write)
-                class_names: Optional[Union[Sequence[str], str, Path]] = None,  # order of categories; None: sorted names found
+                # order of categories; None: sorted names found
+                class_names: Optional[Union[Sequence[str], str, Path]] = None,
                 difficult: str = 'crowd',  # 'crowd' (iscrowd=1, ignored like VOC eval), 'keep' or 'drop'
                ) -> dict:
-    """Convert Pascal VOC xml (1-based inclusive pixel corners) to a COCO dataset dict; writes out_json if given."""
-    if difficult not in ('crowd', 'keep', 'drop'): raise DetlearnError(f"difficult={difficult!r}: use 'crowd', 'keep' or 'drop'")
+    """Convert Pascal VOC xml (1-based inclusive pixel corners) to a COCO dict; writes out_json if given."""
+    if difficult not in ('crowd', 'keep', 'drop'):
+        raise DetlearnError(f"difficult={difficult!r}: use 'crowd', 'keep' or 'drop'")
     xml_dir, images_dir = Path(xml_dir), Path(images_dir)
     xml_files = sorted(xml_dir.glob('*.xml')) if xml_dir.is_dir() else []
-    if not xml_files: raise DetlearnError(f"No .xml files in {xml_dir}")
+    if not xml_files:
+        raise DetlearnError(f"No .xml files in {xml_dir}")
     parsed = [(f, *_parse_voc_xml(f)) for f in xml_files]
-    names = _read_class_names(class_names) if class_names is not None else sorted({o[0] for *_, objs in parsed for o in objs})
+    names = (
+        _read_class_names(class_names)
+        if class_names is not None
+        else sorted({o[0] for *_, objs in parsed for o in objs})
+    )
     images, anns = [], []
     for image_id, (xml_file, filename, wh, objects) in enumerate(parsed, 1):
         path = _voc_image(xml_file, filename, images_dir)
         w, h = wh if wh and wh[0] > 0 else read_image_size(path)[::-1]  # some tools write <size> 0 0
         images.append({'id': image_id, 'file_name': path.name, 'width': w, 'height': h})
         for name, is_difficult, xmin, ymin, xmax, ymax in objects:
-            if name not in names: raise DetlearnError(f"{xml_file}: class {name!r} is not in class_names {names}")
-            if is_difficult and difficult == 'drop': continue
-            box_xywh = [xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1]  # 1-based inclusive -> continuous
+            if name not in names:
+                raise DetlearnError(f"{xml_file}: class {name!r} is not in class_names {names}")
+            if is_difficult and difficult == 'drop':
+                continue
+            # 1-based inclusive -> continuous
+            box_xywh = [xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1]
             anns.append(_annotation(len(anns) + 1, image_id, names.index(name) + 1, box_xywh,
                                     iscrowd=int(bool(is_difficult) and difficult == 'crowd')))
     return _write_coco(images, anns, names, out_json)

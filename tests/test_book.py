@@ -1,0 +1,49 @@
+"""The book reads cleanly: `tools/check_notebooks.py` finds nothing outside its allow-list, and it can fail."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'tools'))
+import check_notebooks  # noqa: E402  (a script in tools/, not a package)
+
+
+def test_book_is_clean():
+    result = subprocess.run([sys.executable, str(ROOT / 'tools' / 'check_notebooks.py')],
+                            capture_output=True, text=True, cwd=ROOT)
+    failures = [line for line in result.stdout.splitlines() if line.startswith('FAIL')]
+    assert result.returncode == 0, 'tools/check_notebooks.py found:\n' + '\n'.join(failures)
+
+
+def test_output_check_catches_each_problem():
+    stderr = {'output_type': 'stream', 'name': 'stderr', 'text': 'x'}
+    warning = {'output_type': 'stream', 'name': 'stdout', 'text': 'a.py:3: UserWarning: careful\n'}
+    error = {'output_type': 'error', 'ename': 'ValueError', 'evalue': 'bad', 'traceback': ['ValueError: bad']}
+    path = {'output_type': 'stream', 'name': 'stdout', 'text': ['saved to /tmp/abc/model.pt\n']}
+    bar = {'output_type': 'stream', 'name': 'stdout', 'text': ' 40%|████      | 4/10 [00:01<00:02, 3.1it/s]'}
+    image = {'output_type': 'display_data', 'data': {'image/png': 'A' * 400 * 1024}}
+    for output in (stderr, warning, error, path, bar, image):
+        assert check_notebooks.check_output(output), output
+    fine = {'output_type': 'execute_result', 'data': {'text/plain': ['tensor([1., 2.])'], 'image/png': 'A' * 1000}}
+    assert check_notebooks.check_output(fine) == []
+
+
+def test_module_check_uses_tokens(tmp_path):
+    module = tmp_path / 'm.py'
+    module.write_text("x = 'a; b'  # c; d\ny = 1; z = 2\n" + 'w = ' + '1 + ' * 40 + '1\n')
+    findings = check_notebooks.check_module(module)
+    assert findings == ['line 3: 165 characters (> 120)', 'line 2: `;` joins statements']
+
+
+def test_allowlist_exempts_and_reports_stale(tmp_path):
+    (tmp_path / 'nbs').mkdir()
+    (tmp_path / 'tools').mkdir()
+    (tmp_path / 'detlearn').mkdir()
+    cell = {'cell_type': 'code', 'source': 'print(1)', 'metadata': {},
+            'outputs': [{'output_type': 'stream', 'name': 'stderr', 'text': 'oops'}]}
+    (tmp_path / 'nbs' / 'a.ipynb').write_text(json.dumps({'cells': [cell]}))
+    assert check_notebooks.main(['--root', str(tmp_path)]) == 1
+    (tmp_path / 'tools' / 'book_allowlist.txt').write_text('nbs/a.ipynb  # being fixed\nnbs/gone.ipynb\n')
+    assert check_notebooks.main(['--root', str(tmp_path)]) == 0
+    assert check_notebooks.main(['--root', str(tmp_path), '--no-allowlist']) == 1
