@@ -174,5 +174,5 @@ def test_training_step_reduces_loss(fx):
         optimizer.zero_grad()
         losses['loss'].backward()
         optimizer.step()
-        history.append(losses['loss'].item())
+        history.append(losses['loss'].detach().item())
     assert sum(history[-3:]) < sum(history[:3])  # denoising noise makes single steps jumpy
