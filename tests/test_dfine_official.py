@@ -160,7 +160,6 @@ def test_family_record():
 
 def test_training_step_reduces_loss(fx):
     """Training forward with denoising + the D-FINE criterion: every term finite, a few steps lower the loss."""
-    pytest.importorskip('detlearn.models.dfine_loss')
     torch.manual_seed(0)
     model = DFINE(small_config(fx)).train()
     images = torch.rand(1, 3, 128, 128)
