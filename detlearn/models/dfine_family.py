@@ -124,4 +124,4 @@ DFINE_FAMILY = Family(
     name='dfine', model_class=DFINE, presets=DFINE_PRESETS, recipes=DFINE_RECIPES,
     default_recipe=lambda preset: dfine_coco_recipe(preset.removeprefix('dfine_')),
     train_dataset=dfine_train_dataset, eval_transforms=dfine_eval_transforms, start_epoch=dfine_start_epoch,
-    official=DFINE_OFFICIAL, fuse=lambda model: model.deploy())
+    official=DFINE_OFFICIAL, fuse=lambda model: model.deploy(), flops_probe=None, onnx_contract='detr')

@@ -80,4 +80,5 @@ DINO_OFFICIAL = OfficialFormat(read=read_official_dino, to_detlearn=dino_officia
 
 DINO_FAMILY = Family(name='dino', model_class=DINO, presets=DINO_PRESETS, recipes=DINO_RECIPES,
                      default_recipe=dino_coco_recipe, train_dataset=dino_train_dataset,
-                     eval_transforms=dino_eval_transforms, official=DINO_OFFICIAL)
+                     eval_transforms=dino_eval_transforms, official=DINO_OFFICIAL, flops_probe=None,
+                     onnx_contract='detr')

@@ -100,6 +100,8 @@ class Family:
     start_epoch: Callable[[nn.Module, Dataset, int, TrainConfig], None] = no_epoch_switch
     official: OfficialFormat | None = None          # None: no official weights to load
     fuse: Callable[[nn.Module], nn.Module] = no_fusion  # inference-time conversion (conv+BN folding, ...)
+    flops_probe: int | None = 64  # count FLOPs at probe² and scale by area (convnets); None: at the real size
+    onnx_contract: str | None = None  # the official deployment contract of its ONNX files: 'yolox' or 'detr'
 
     def build(self, preset: str, num_classes: int, overrides: dict | None = None) -> nn.Module:
         """A randomly initialised model of `preset` with `num_classes` classes and config `overrides`."""

@@ -161,4 +161,4 @@ YOLOX_FAMILY = Family(
     name='yolox', model_class=YOLOX, presets=YOLOX_PRESETS, recipes=YOLOX_RECIPES,
     default_recipe=lambda preset: yolox_coco_recipe(preset.removeprefix('yolox_')),
     train_dataset=yolox_train_dataset, eval_transforms=yolox_eval_transforms,
-    start_epoch=yolox_start_epoch, official=YOLOX_OFFICIAL, fuse=yolox_fuse)
+    start_epoch=yolox_start_epoch, official=YOLOX_OFFICIAL, fuse=yolox_fuse, onnx_contract='yolox')
