@@ -146,9 +146,10 @@ def test_checkpoint_predictions(fo, shapes, tmp_path):
                      'format': 'detlearn-1', 'meta': {'model_name': 'yolox_nano', 'img_size': 256, 'num_classes': 4,
                                                       'model_overrides': {'width': 0.125}}}, tmp_path / 'c.pth')
     ds = to_fiftyone(tmp_path / 'val3.json', images, checkpoint=tmp_path / 'c.pth', name='t-ckpt')
-    assert ds.count('predictions.detections') > 0
+    per_image = [len(d) for d in ds.values('predictions.detections')]
+    assert 0 < max(per_image) <= 100  # the untrained model scores ~0.25 everywhere: capped at COCO's 100 per image
     assert set(ds.distinct('predictions.detections.label')) <= set(names)
-    boxes = ds.values('predictions.detections.bounding_box', unwind=True)
+    boxes = [box for per in ds.values('predictions.detections.bounding_box') for box in per]  # relative xywh
     assert all(0 <= x and 0 <= y and x + w <= 1 + 1e-6 and y + h <= 1 + 1e-6 for x, y, w, h in boxes)
     assert set(ds.distinct('predictions.detections.eval')) <= {'tp', 'fp'}
 
@@ -182,7 +183,8 @@ def test_app_in_headless_chromium(fo, shapes):
             page.wait_for_timeout(2000)  # thumbnails
             page.screenshot(path=str(ARTIFACTS / 'fiftyone_app.png'))
             body = page.inner_text('body')
-            assert 't-app' in body and 'ground_truth' in body and 'eval_fp' in body
+            assert 'ground_truth' in body and 'eval_fp' in body  # the label field and the evaluation counts
+            assert 't-app' in page.content()  # the dataset's name (in the header's dataset picker)
         except Exception:
             page.screenshot(path=str(ARTIFACTS / 'fiftyone_failure.png'), full_page=True)
             raise

@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['COCO_KEYS', 'FIFTYONE_RESERVED', 'import_fiftyone', 'relative_xywh', 'group_results', 'predict_images',
-           'to_detections', 'build_samples', 'evaluate', 'to_fiftyone', 'launch', 'add_fiftyone_parser', 'cmd_fiftyone']
+           'to_detections', 'build_samples', 'evaluate', 'top_detections', 'to_fiftyone', 'launch',
+           'add_fiftyone_parser', 'cmd_fiftyone']
 
 # %% ../../nbs/56_integrations_fiftyone.ipynb #7eba207c
 import json
@@ -117,7 +118,11 @@ def evaluate(dataset,  # a dataset from `to_fiftyone` with ground_truth and pred
     dataset.save()
     return results
 
-# %% ../../nbs/56_integrations_fiftyone.ipynb #14fce2bb
+# %% ../../nbs/56_integrations_fiftyone.ipynb #724791ba
+def top_detections(per_image: dict[int, list[dict]], max_detections: int) -> dict[int, list[dict]]:
+    """The `max_detections` highest-scoring predictions of each image (COCO's maxDets: 100)."""
+    return {i: sorted(p, key=lambda d: -d['score'])[:max_detections] for i, p in per_image.items()}
+
 def _predictions(data: dict, images_dir: Path, checkpoint, predictions, score_threshold: float) -> dict | None:
     """image id -> prediction dicts, from a checkpoint, a COCO results file or list, or None."""
     if checkpoint is not None and predictions is not None:
@@ -129,14 +134,15 @@ def _predictions(data: dict, images_dir: Path, checkpoint, predictions, score_th
     if isinstance(predictions, (str, Path)):
         if not Path(predictions).is_file(): raise DetlearnError(f"predictions file not found: {predictions}")
         predictions = json.loads(Path(predictions).read_text())
-    return group_results(predictions, data)
+    return group_results([p for p in predictions if p['score'] >= score_threshold], data)
 
 def to_fiftyone(ann: str | Path,  # COCO annotation file (ground truth)
                 images: str | Path,  # folder its file_names are relative to
                 checkpoint: str | Path | None = None,  # a detlearn checkpoint to predict with ...
                 predictions: str | Path | list | None = None,  # ... or COCO results (file or list) with category ids
                 name: str | None = None,  # dataset name; default 'detlearn-<ann stem>'; an existing one is replaced
-                score_threshold: float = 0.0,  # checkpoint predictions below this score are dropped
+                score_threshold: float = 0.0,  # predictions below this score are dropped
+                max_detections: int = 100,  # per image, the best by score (COCO's maxDets; FiftyOne slows with more)
                 sample_fields: Callable[[dict], dict] | None = None,  # hook: per-image info -> extra sample fields
                 persistent: bool = False,  # keep the dataset after this Python process ends
                ):
@@ -145,6 +151,7 @@ def to_fiftyone(ann: str | Path,  # COCO annotation file (ground truth)
     data, images_dir = load_coco_json(ann), Path(images)
     if not images_dir.is_dir(): raise DetlearnError(f"images folder not found: {images_dir}")
     preds = _predictions(data, images_dir, checkpoint, predictions, score_threshold)
+    if preds is not None: preds = top_detections(preds, max_detections)
     dataset = fo.Dataset(name or f'detlearn-{Path(ann).stem}', overwrite=True, persistent=persistent)
     dataset.add_samples(build_samples(fo, data, images_dir, preds, sample_fields), progress=False)
     dataset.default_classes = [c['name'] for c in sorted(data['categories'], key=lambda c: c['id'])]
@@ -168,15 +175,16 @@ def add_fiftyone_parser(sub):
     p.add_argument('--checkpoint', '-c', help='predict with this detlearn checkpoint ...')
     p.add_argument('--predictions', help='... or read these COCO results (category ids)')
     p.add_argument('--name', help="dataset name (default: detlearn-<ann stem>); an existing one is replaced")
-    p.add_argument('--score-threshold', type=float, default=0.0, help='drop checkpoint predictions below this')
+    p.add_argument('--score-threshold', type=float, default=0.0, help='drop predictions below this score')
+    p.add_argument('--max-detections', type=int, default=100, help='per image, the best by score (COCO: 100)')
     p.add_argument('--port', type=int, default=5151)
     p.add_argument('--address', default='127.0.0.1', help='serve the App here (default: this machine only)')
     p.add_argument('--no-launch', action='store_true', help='build and evaluate the dataset, do not serve the App')
 
 def cmd_fiftyone(args) -> int:
     """`detlearn fiftyone`: a persistent dataset, its mAP, then the App until Ctrl-C (unless --no-launch)."""
-    dataset = to_fiftyone(args.ann, args.images, checkpoint=args.checkpoint, predictions=args.predictions,
-                          name=args.name, score_threshold=args.score_threshold, persistent=True)
+    dataset = to_fiftyone(args.ann, args.images, checkpoint=args.checkpoint, predictions=args.predictions, name=args.name,
+                          score_threshold=args.score_threshold, max_detections=args.max_detections, persistent=True)
     score = f", FiftyOne COCO mAP {dataset.info['mAP']:.3f}" if 'mAP' in dataset.info else ''
     print(f"FiftyOne dataset {dataset.name!r}: {len(dataset)} images{score}")
     if args.no_launch: return 0
