@@ -52,7 +52,7 @@ def detr_topk(pred_logits: Tensor,  # (B, Q, K) class logits of a sigmoid (focal
 
 
 class DETROnnx(nn.Module):
-    """A DETR as D-FINE's tools/deployment/export_onnx.py exports it: (`images`, `orig_target_sizes`) -> labels, boxes, scores."""
+    """A DETR as D-FINE's tools/deployment/export_onnx.py exports it: images, orig_target_sizes -> labels, boxes, scores."""
     def __init__(self, model: nn.Module, top_k: int = 300):
         super().__init__()
         self.model, self.top_k = model, top_k
@@ -135,7 +135,8 @@ class ExportReport:
         """One line for people."""
         diffs = ', '.join(f'{k} {v:.2e}' for k, v in self.max_abs_diff.items())
         io = f"{', '.join(self.input_names)} -> {', '.join(self.output_names)}"
-        return f"wrote {self.path.name} ({self.contract} contract: {io}); onnxruntime vs PyTorch max |diff|: {diffs}"
+        head = f"wrote {self.path.name} ({self.contract} contract: {io})"
+        return f"{head}; onnxruntime vs PyTorch max |diff|: {diffs}"
 
 def _image_size(model: nn.Module, img_size: int | tuple | None) -> tuple[int, int]:
     """(h, w) to export at: img_size, else the model's cfg.test_size."""
@@ -161,8 +162,9 @@ def _trace_to_onnx(module: nn.Module, inputs: tuple, path: Path, names: tuple[tu
     dynamic = {n: {0: 'batch'} for n in (*input_names, *output_names)}
     with warnings.catch_warnings():  # tracer and deprecation notes; the onnxruntime check judges the graph
         warnings.simplefilter('ignore')
-        torch.onnx.export(module, inputs, str(path), input_names=list(input_names), output_names=list(output_names),
-                          dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True, dynamo=False)
+        torch.onnx.export(module, inputs, str(path), input_names=list(input_names),
+                          output_names=list(output_names), dynamic_axes=dynamic, opset_version=opset,
+                          do_constant_folding=True, dynamo=False)
 
 def _write_metadata(path: Path, props: dict[str, str]):
     """Store key/value strings in the ONNX file's metadata_props."""
@@ -185,7 +187,8 @@ def export_onnx(model: nn.Module,  # a detlearn detector (any device; a CPU copy
                 atol: float = 1e-3, rtol: float = 1e-3,  # check tolerance: |ort - torch| <= atol + rtol·|torch|
                ) -> ExportReport:
     """Write a detector as its official deployment ONNX file (dynamic batch), checked with onnxruntime."""
-    if opset < 16: raise DetlearnError(f"opset must be >= 16 (grid_sample, used by deformable attention), got {opset}")
+    if opset < 16:
+        raise DetlearnError(f"opset must be >= 16 (grid_sample, used by deformable attention), got {opset}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     size = _image_size(model, img_size)
@@ -225,9 +228,9 @@ def add_export_parser(sub):
     p.add_argument('--model', help='a preset, e.g. yolox_s (with --weights)')
     p.add_argument('--weights', help='official or detlearn weights for --model')
     p.add_argument('--out', required=True, help='the .onnx file to write')
-    p.add_argument('--img-size', type=int, help="input size (default: the checkpoint's, else the model's test size)")
+    p.add_argument('--img-size', type=int, help="input size (default: the checkpoint's, else the test size)")
     p.add_argument('--opset', type=int, default=17, help='ONNX opset (>= 16)')
-    p.add_argument('--decode', action='store_true', help='YOLOX: decoded boxes in the output (decode_in_inference)')
+    p.add_argument('--decode', action='store_true', help='YOLOX: decoded boxes (decode_in_inference)')
     p.add_argument('--top-k', type=int, default=300, help='DETR: detections per image')
     p.add_argument('--contract', choices=sorted(CONTRACTS), help="default: the model's own")
 
