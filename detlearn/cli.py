@@ -300,6 +300,8 @@ COMMANDS = {'train': (_add_train, cmd_train), 'eval': (_add_eval, cmd_eval), 'pr
             'data': (_add_data, cmd_data), 'demo': (_add_demo, cmd_demo)}
 EXTERNAL_COMMANDS = {  # name -> (module, function adding its parser, function running it)
     'bench': ('detlearn.bench', 'add_bench_parser', 'cmd_bench'),
+    'export': ('detlearn.export', 'add_export_parser', 'cmd_export'),
+    'fiftyone': ('detlearn.integrations.fiftyone', 'add_fiftyone_parser', 'cmd_fiftyone'),
 }
 
 
