@@ -114,15 +114,16 @@ def ms_deform_attn_pytorch(value: Tensor,               # (B, S, H, C)
     grids = 2 * sampling_locations.to(dtype) - 1                         # grid_sample's [-1, 1]
     sampled = []
     for l, (Hl, Wl) in enumerate(sizes):
-        v = value_levels[l].permute(0, 2, 3, 1).reshape(B * H, C, Hl, Wl).to(dtype)  # (B*H, C, H_l, W_l)
+        # (B*H, C, H_l, W_l); -1, not B*H: a traced (ONNX) graph keeps the batch size dynamic
+        v = value_levels[l].permute(0, 2, 3, 1).reshape(-1, C, Hl, Wl).to(dtype)
         g = grids[:, :, :, l].transpose(1, 2).flatten(0, 1)              # (B*H, Q, P, 2)
         # (B*H, C, Q, P)
         sampled.append(F.grid_sample(v, g, mode='bilinear', padding_mode='zeros', align_corners=False))
     sampled = torch.stack(sampled, dim=-2).flatten(-2)                    # (B*H, C, Q, L*P)
     # (B*H, 1, Q, L*P)
-    weights = attention_weights.transpose(1, 2).reshape(B * H, 1, Q, L * P).to(sampled.dtype)
+    weights = attention_weights.transpose(1, 2).reshape(-1, 1, Q, L * P).to(sampled.dtype)
     out = (sampled * weights).sum(-1)                                     # (B*H, C, Q)
-    return out.view(B, H * C, Q).transpose(1, 2).contiguous().to(value.dtype)  # (B, Q, H*C)
+    return out.view(-1, H * C, Q).transpose(1, 2).contiguous().to(value.dtype)  # (B, Q, H*C)
 
 # %% ../../nbs/10_ops_msda.ipynb #2c064d23
 def random_msda_inputs(batch: int, queries: int, heads: int, channels: int,
