@@ -163,11 +163,13 @@ def bench_yolox_vs_official(official_dir: str | Path,  # a checkout of the offic
             if not torch.allclose(model(images)['decoded'], want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
                 raise DetlearnError(f"{name} does not reproduce the official outputs: not comparing their speed")
     models = {'official': official, 'official fused': official_fused, 'detlearn': ours, 'detlearn fused': fused}
-    rows = compare_forward_times(models, images, repeats, threads)
     info = machine_info()
     print(f"{preset} at {img_size}×{img_size}, batch 1, eval forward; {info['cpu']} ({info['cores']} cores), "
           f"torch {info['torch']}, {info['date']}; median of {repeats} interleaved rounds; ratio = / official")
-    print(format_rows(rows))
+    rows = []
+    for n in threads:  # print each thread count as soon as it is measured
+        rows += compare_forward_times(models, images, repeats, (n,))
+        print(format_rows([r for r in rows if r['threads'] == n]), flush=True)
     return rows
 
 # %% ../nbs/53b_bench_speed.ipynb #c5d05464
