@@ -38,21 +38,22 @@ def import_official_yolox(official_dir: str | Path,  # a checkout of Megvii-Base
                             "clone https://github.com/Megvii-BaseDetection/YOLOX and pass its directory")
     loaded = sys.modules.get('yolox')
     if loaded is not None and not str(getattr(loaded, '__file__', '')).startswith(str(root)):
-        raise DetlearnError(f"another `yolox` package is already imported ({loaded.__file__}); run in a fresh process")
+        raise DetlearnError(f"another `yolox` package is already imported ({loaded.__file__}); "
+                            "run in a fresh process")
     sys.path.insert(0, str(root))
     try:
         importlib.import_module('yolox.models')
         return importlib.import_module('yolox')
     except ModuleNotFoundError as e:  # its utils import loguru, thop, tabulate, cv2 ... even for a forward pass
-        raise DetlearnError(f"the official YOLOX needs the package {e.name!r} to import; install its requirements "
-                            f"(pip install -r {root / 'requirements.txt'}) in this environment") from None
+        raise DetlearnError(f"the official YOLOX needs the package {e.name!r} to import; install its "
+                            f"requirements (pip install -r {root / 'requirements.txt'}) here") from None
     finally:
         sys.path.remove(str(root))
 
 
 def build_official_yolox(yolox: ModuleType,  # the package from `import_official_yolox`
                          cfg: YOLOXConfig) -> nn.Module:
-    """The official YOLOX for `cfg`, built as its `Exp.get_model` does (BN eps 1e-3, momentum 0.03), in eval mode."""
+    """The official YOLOX for `cfg`, built as `Exp.get_model` does (BN eps 1e-3, momentum 0.03), in eval mode."""
     m = yolox.models
     in_channels = [256, 512, 1024]
     backbone = m.YOLOPAFPN(cfg.depth, cfg.width, in_channels=in_channels, depthwise=cfg.depthwise, act=cfg.act)
@@ -110,7 +111,8 @@ def compare_forward_times(models: dict[str, nn.Module],  # name -> model in eval
         for n in threads:
             torch.set_num_threads(n)
             with torch.inference_mode():
-                med = median_times(time_interleaved({k: (lambda m=m: m(images)) for k, m in models.items()}, repeats))
+                calls = {name: (lambda m=m: m(images)) for name, m in models.items()}
+                med = median_times(time_interleaved(calls, repeats))
             for name, t in med.items():
                 rows.append(dict(threads=n, model=name, wall_ms=1e3 * t['wall'], cpu_ms=1e3 * t['cpu'],
                                  wall_ratio=t['wall'] / med[base]['wall'], cpu_ratio=t['cpu'] / med[base]['cpu']))
@@ -150,8 +152,7 @@ def bench_yolox_vs_official(official_dir: str | Path,  # a checkout of the offic
     torch.manual_seed(seed)
     ours = create(preset)
     if not isinstance(ours, YOLOX):
-        raise DetlearnError(f"{preset!r} is not a YOLOX preset; the official comparison "
-                            "exists for yolox_nano … yolox_x")
+        raise DetlearnError(f"{preset!r} is not a YOLOX preset; compare yolox_nano … yolox_x")
     official = randomise_batchnorm_(build_official_yolox(yolox, ours.cfg), seed)
     ours.load_state_dict(official.state_dict())  # YOLOX: official names = detlearn names
     ours.eval()
@@ -164,11 +165,13 @@ def bench_yolox_vs_official(official_dir: str | Path,  # a checkout of the offic
             if not torch.allclose(model(images)['decoded'], want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
                 raise DetlearnError(f"{name} does not reproduce the official outputs: not comparing their speed")
     models = {'official': official, 'official fused': official_fused, 'detlearn': ours, 'detlearn fused': fused}
-    rows = compare_forward_times(models, images, repeats, threads)
     info = machine_info()
     print(f"{preset} at {img_size}×{img_size}, batch 1, eval forward; {info['cpu']} ({info['cores']} cores), "
           f"torch {info['torch']}, {info['date']}; median of {repeats} interleaved rounds; ratio = / official")
-    print(format_rows(rows))
+    rows = []
+    for n in threads:  # print each thread count as soon as it is measured
+        rows += compare_forward_times(models, images, repeats, (n,))
+        print(format_rows([r for r in rows if r['threads'] == n]), flush=True)
     return rows
 
 # %% ../nbs/53b_bench_speed.ipynb #c5d05464

@@ -156,7 +156,7 @@ class YOLOX(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.fused = False  # set by `fuse()`: BatchNorms folded into the convs, inference only
-        self.channels_last = False  # set by `fuse()`: run the convs in NHWC, oneDNN's (and cuDNN's AMP) native layout
+        self.channels_last = False  # set by `fuse()`: run the convs in NHWC, oneDNN's native layout
         self.backbone = YOLOPAFPN(cfg.depth, cfg.width, IN_CHANNELS, cfg.depthwise, cfg.act)
         self.head = YOLOXHead(cfg.num_classes, cfg.width, STRIDES, IN_CHANNELS, cfg.act, cfg.depthwise)
         self.head.initialize_biases(cfg.prior_prob)
@@ -201,7 +201,7 @@ class YOLOX(nn.Module):
         return yolox_postprocess(outputs['decoded'], sizes, outputs['input_size'], self.cfg.conf_thre, self.cfg.nms_thre)
 
     def fuse(self, channels_last: bool = True) -> 'YOLOX':
-        """Fold every BatchNorm into its conv (exact in eval mode); returns this model, in eval mode, inference only."""
+        """Fold each BatchNorm into its conv (exact in eval mode); return self, in eval mode, for inference only."""
         self.eval()
         fuse_conv_bn(self)
         self.fused = True
@@ -213,9 +213,9 @@ class YOLOX(nn.Module):
     def train(self, mode: bool = True) -> 'YOLOX':
         """`nn.Module.train`, refused once `fuse()` folded the BatchNorms (their batch statistics are gone)."""
         if mode and self.fused:
-            raise DetlearnError("this YOLOX was fused for inference (`fuse()` folded each BatchNorm into its conv, "
-                                "exact only with frozen statistics) and cannot train; build an unfused model "
-                                "(`create(preset)` + `load_state_dict` of unfused weights) to train it")
+            raise DetlearnError("this YOLOX was fused for inference (`fuse()` folded each BatchNorm into its "
+                                "conv, exact only with frozen statistics) and cannot train; build an unfused "
+                                "model (`create(preset)` + `load_state_dict` of unfused weights) to train it")
         return super().train(mode)
 
 # %% ../../nbs/22_models_yolox.ipynb #5928c8ba
