@@ -198,7 +198,10 @@ def model_table(presets: list[str] | None = None,  # None: every preset of every
     for preset in presets:
         model = create(preset).eval()
         size = model.cfg.test_size if img_size is None else (img_size, img_size)
-        info = model_info(model, img_size=tuple(size))
+        try:  # count at 64 px and scale by area (YOLOX's convention) ...
+            info = model_info(model, img_size=tuple(size))
+        except DetlearnError:  # ... unless the model refuses 64 px (a DETR: fewer tokens than queries)
+            info = model_info(model, img_size=tuple(size), probe_size=None)
         row = {'preset': preset, 'family': family_of(preset).name, 'size': tuple(size),
                'params_m': info['params'] / 1e6, 'gflops': info['gflops'], 'cpu_ms': None,
                'train_gib': None, 'official_ap': official_ap(preset)}
