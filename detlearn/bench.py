@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from .utils import DetlearnError
+from .utils import DetlearnError, import_command
 
 # %% ../nbs/53_bench.ipynb #6d72f393
 def _synthetic_batch(batch: int, size: int, num_classes: int, device) -> tuple:
@@ -144,10 +144,7 @@ BENCH_EXTENSIONS = {  # `detlearn bench NAME` defined in other chapters: (module
 
 
 def _bench_extension(name: str) -> tuple:
-    import importlib
-    module, add, run = BENCH_EXTENSIONS[name]
-    mod = importlib.import_module(module)
-    return getattr(mod, add), getattr(mod, run)
+    return import_command(BENCH_EXTENSIONS[name])
 
 
 def cmd_bench(args) -> int:

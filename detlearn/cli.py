@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .utils import DetlearnError
+from .utils import DetlearnError, import_command
 
 # %% ../nbs/51_cli.ipynb #a39a2e39
 def _add_train(sub):
@@ -306,10 +306,7 @@ EXTERNAL_COMMANDS = {  # name -> (module, function adding its parser, function r
 
 
 def _external(name: str) -> tuple:
-    import importlib
-    module, add, run = EXTERNAL_COMMANDS[name]
-    mod = importlib.import_module(module)
-    return getattr(mod, add), getattr(mod, run)
+    return import_command(EXTERNAL_COMMANDS[name])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from ..data.transforms_dfine import StopEpochCompose, dfine_transforms
 from .dfine import DFINE, NOT_WEIGHTS, DFINEConfig, dfine_l, dfine_m, dfine_n, dfine_s, dfine_x
-from .family import Family, OfficialFormat, Recipe
+from .family import Family, OfficialFormat, Recipe, official_state_dict
 from .yolox_family import coco80_label_space
 from ..train_utils import LoopConfig, OptimConfig, ScheduleConfig, TrainConfig, load_checkpoint
 from ..utils import DetlearnError
@@ -28,16 +28,7 @@ def read_official_dfine(path: str | Path,  # an official D-FINE .pth (training s
                         ) -> dict[str, Tensor]:  # the weights, official names
     """Weights of an official D-FINE checkpoint: `ema.module` if present (as official tools), else `model`."""
     ckpt = load_checkpoint(path)  # torch.load(weights_only=True)
-    ema = ckpt.get('ema') if isinstance(ckpt, dict) else None
-    if isinstance(ema, dict) and isinstance(ema.get('module'), dict):
-        return ema['module']
-    if isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict):
-        return ckpt['model']
-    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, Tensor) for v in ckpt.values()):
-        return ckpt
-    keys = list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
-    raise DetlearnError(f"{path} is not an official D-FINE checkpoint: expected a dict with 'ema' "
-                        f"{{'module': ...}} or 'model' state dicts (or a bare state dict), found {keys}")
+    return official_state_dict(ckpt, (('ema', 'module'), ('model',)), path, 'D-FINE')
 
 
 def dfine_official_to_detlearn(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -19,7 +19,8 @@ from torch.utils.data import Dataset
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, Compose, Letterbox, ToTensor
 from ..data.transforms_yolox import MosaicMixupDataset, yolox_transforms
-from .family import Family, OfficialFormat, Recipe, coco_categories, empty_target
+from .family import (Family, OfficialFormat, Recipe, coco_categories, empty_target,
+                                    official_state_dict)
 from .yolox import YOLOX, YOLOXConfig, yolox_l, yolox_m, yolox_nano, yolox_s, yolox_tiny, yolox_x
 from ..train_utils import LoopConfig, OptimConfig, ScheduleConfig, TrainConfig, load_checkpoint
 from ..utils import DetlearnError
@@ -94,14 +95,7 @@ def yolox_start_epoch(model: nn.Module, dataset: Dataset, epoch: int, cfg: Train
 def read_official_yolox(path: str | Path,  # an official YOLOX .pth (or a bare state_dict file)
                        ) -> dict[str, Tensor]:  # the weights, official names
     """The weights of an official YOLOX checkpoint (`ckpt['model']`)."""
-    ckpt = load_checkpoint(path)
-    if isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict):
-        return ckpt['model']
-    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, Tensor) for v in ckpt.values()):
-        return ckpt
-    keys = list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
-    raise DetlearnError(f"{path} is not an official YOLOX checkpoint: expected a dict with a 'model' "
-                        f"state_dict (or a bare state_dict), found {keys}")
+    return official_state_dict(load_checkpoint(path), (('model',),), path, 'YOLOX')
 
 
 def yolox_official_to_detlearn(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
