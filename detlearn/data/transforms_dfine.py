@@ -9,7 +9,6 @@ import random
 from typing import Callable, Sequence
 
 import numpy as np
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from .transforms import (
@@ -30,6 +29,7 @@ class RandomPhotometricDistort:
         )
 
     def __call__(self, image, target):
+        import torchvision.transforms.v2.functional as TF  # imported on use: it is slow to import
         f = {k: random.uniform(*r) if random.random() < self.p else None for k, r in self.ranges.items()}
         contrast_before = random.random() < 0.5
         pil = Image.fromarray(image)
