@@ -6,6 +6,7 @@
 __all__ = ['BENCH_EXTENSIONS', 'bench_trainer', 'demo_timeline', 'add_bench_parser', 'cmd_bench']
 
 # %% ../nbs/53_bench.ipynb #2df8d318
+import tempfile
 import time
 
 import torch
@@ -45,6 +46,22 @@ class _OneBatch(torch.utils.data.Dataset):
         return torch.zeros(1), {}
 
 
+def _median_step_times(step_fns: dict,  # name -> fn(step index)
+                       steps: int, dev: torch.device) -> dict:
+    """Median seconds of each `fn(i)` over `steps`, the fns called in turn so a neighbour's load hits all."""
+    times = {name: [] for name in step_fns}
+    for i in range(steps + 2):
+        for name, fn in step_fns.items():
+            if dev.type == 'cuda':
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn(i)
+            if dev.type == 'cuda':
+                torch.cuda.synchronize()
+            if i >= 2:  # 2 warm-up steps
+                times[name].append(time.perf_counter() - t0)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
 def bench_trainer(model: str = 'yolox_nano', img_size: int = 256, batch_size: int = 8, steps: int = 10,
                   device: str | None = None, num_classes: int = 4, print_table: bool = True) -> dict:
     """Median seconds per step of the Trainer vs a bare loop on the same model and batch, and the overhead."""
@@ -58,7 +75,6 @@ def bench_trainer(model: str = 'yolox_nano', img_size: int = 256, batch_size: in
     net = create(model, num_classes)
     cfg = TrainConfig()
     cfg.loop.batch_size, cfg.loop.num_workers = batch_size, 0
-    import tempfile
     trainer = Trainer(net, _OneBatch(batch_size), cfg=cfg, work_dir=tempfile.mkdtemp(), device=dev.type,
                       collate_fn=lambda b: b, progress=False)
     trainer.ddp_model.train()
@@ -74,21 +90,9 @@ def bench_trainer(model: str = 'yolox_nano', img_size: int = 256, batch_size: in
         loss.backward()
         opt.step()
 
-    times = {'bare': [], 'trainer': []}
-    for i in range(steps + 2):
-        for name, fn in (
-            ('bare', bare_step),
-            ('trainer', lambda: trainer.engine.step(images, masks, targets)),
-        ):
-            if dev.type == 'cuda':
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if dev.type == 'cuda':
-                torch.cuda.synchronize()
-            if i >= 2:
-                times[name].append(time.perf_counter() - t0)  # 2 warm-up steps
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    step_fns = {'bare': lambda i: bare_step(),
+                'trainer': lambda i: trainer.engine.step(images, masks, targets)}
+    med = _median_step_times(step_fns, steps, dev)
     row = {'model': model, 'img_size': img_size, 'batch': batch_size, 'device': str(dev),
            'bare_s': med['bare'], 'trainer_s': med['trainer'], 'overhead': med['trainer'] / med['bare'] - 1}
     if print_table:
@@ -145,7 +149,6 @@ BENCH_EXTENSIONS = {  # `detlearn bench NAME` defined in other chapters: (module
 
 def _bench_extension(name: str) -> tuple:
     return import_command(BENCH_EXTENSIONS[name])
-
 
 def cmd_bench(args) -> int:
     """Run the `detlearn bench` sub-command in `args`."""

@@ -129,17 +129,9 @@ def draw_detections(image,                    # (H, W, 3) uint8 or (3, H, W) flo
         if caption == 'none':
             continue
         y, va = (y0 - 0.5, 'bottom') if caption == 'above' else (y1 - 0.5, 'top')
-        ax.text(
-            x0 - 0.5,
-            y,
-            _box_caption(label, score, class_names),
-            color='white',
-            fontsize=fontsize,
-            va=va,
-            ha='left',
-            clip_on=True,
-            bbox=dict(facecolor=color, edgecolor='none', pad=1, alpha=0.8),
-        )
+        tag = dict(facecolor=color, edgecolor='none', pad=1, alpha=0.8)  # the caption's background
+        ax.text(x0 - 0.5, y, _box_caption(label, score, class_names), color='white', fontsize=fontsize,
+                va=va, ha='left', clip_on=True, bbox=tag)
     return ax
 
 # %% ../nbs/08_viz.ipynb #c54b508a

@@ -143,23 +143,15 @@ def mixup(image: np.ndarray, target: dict, other_image: np.ndarray, other_target
     sy = int(h0 * r) / h0 * big.shape[0] / S_h
     boxes = other_target['boxes'] * np.float32([sx, sy, sx, sy])
     if flip:
-        big, boxes = big[:, ::-1], np.stack(
-            [big.shape[1] - boxes[:, 2], boxes[:, 1], big.shape[1] - boxes[:, 0], boxes[:, 3]], 1
-        )
+        width = big.shape[1]
+        big = big[:, ::-1]
+        boxes = np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
     padded = np.zeros((max(big.shape[0], S_h), max(big.shape[1], S_w), 3), np.uint8)
     padded[:big.shape[0], :big.shape[1]] = big
     top, left = random.randint(0, padded.shape[0] - S_h), random.randint(0, padded.shape[1] - S_w)
     window = padded[top:top + S_h, left:left + S_w]
     moved = boxes - np.float32([left, top, left, top])
-    clipped = np.stack(
-        [
-            moved[:, 0].clip(0, S_w),
-            moved[:, 1].clip(0, S_h),
-            moved[:, 2].clip(0, S_w),
-            moved[:, 3].clip(0, S_h),
-        ],
-        1,
-    )
+    clipped = np.clip(moved, 0, np.float32([S_w, S_h, S_w, S_h]))  # (G, 4) inside the window
     other = select_boxes(with_boxes(other_target, clipped, (S_h, S_w)), box_candidates(moved, clipped))
     blended = ((image.astype(np.uint16) + window) // 2).astype(np.uint8)  # 0.5 a + 0.5 b, truncated as YOLOX
     return blended, concat_targets([target, other], (S_h, S_w))

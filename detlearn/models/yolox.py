@@ -34,7 +34,7 @@ class YOLOXConfig:
     conf_thre: float = 0.01  # official Exp.test_conf for COCO eval (the demo uses 0.25 for display)
     nms_thre: float = 0.65  # official Exp.nmsthre for eval (the demo uses 0.45)
     test_size: tuple[int, int] = (640, 640)  # (h, w) letterbox size; nano and tiny are evaluated at 416
-    prior_prob: float = 1e-2  # initial objectness/class probability: starts the BCE losses near the rare-positive regime
+    prior_prob: float = 1e-2  # initial objectness/class probability: BCE starts near the rare-positive regime
     legacy_preprocess: bool = False  # 0.1.0 weights: RGB, /255, ImageNet mean/std; later ones: BGR 0-255
 
 
@@ -198,7 +198,8 @@ class YOLOX(nn.Module):
     def postprocess(self, outputs: dict, sizes: Tensor,  # (B, 2) original (h, w)
                    ) -> list[dict]:
         """Detections in original-image pixels; see `yolox_postprocess`."""
-        return yolox_postprocess(outputs['decoded'], sizes, outputs['input_size'], self.cfg.conf_thre, self.cfg.nms_thre)
+        return yolox_postprocess(outputs['decoded'], sizes, outputs['input_size'], self.cfg.conf_thre,
+                                 self.cfg.nms_thre)
 
     def fuse(self, channels_last: bool = True) -> 'YOLOX':
         """Fold each BatchNorm into its conv (exact in eval mode); return self, in eval mode, for inference only."""
@@ -224,7 +225,7 @@ def yolox_postprocess(decoded: Tensor,  # (B, N, 5+K) [cx, cy, w, h, obj prob, c
                       input_size: tuple[int, int],  # (H_in, W_in) letterbox size the network saw
                       conf_thre: float, nms_thre: float,
                      ) -> list[dict]:  # per image: boxes (M, 4) xyxy original pixels, scores (M,), labels (M,) int64
-    """Official YOLOX postprocess: score = obj·max cls, threshold, class-aware NMS, undo the top-left letterbox, clip."""
+    """Official YOLOX postprocess: score = obj·max cls, threshold, class-aware NMS, undo the letterbox, clip."""
     boxes_xyxy = box_cxcywh_to_xyxy(decoded[..., :4])  # (B, N, 4)
     cls_conf, labels = decoded[..., 5:].max(dim=-1)  # (B, N), (B, N)
     scores = decoded[..., 4] * cls_conf  # (B, N)
