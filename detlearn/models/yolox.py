@@ -4,14 +4,17 @@
 
 # %% auto #0
 __all__ = ['STRIDES', 'IN_CHANNELS', 'YOLOXConfig', 'yolox_nano', 'yolox_tiny', 'yolox_s', 'yolox_m', 'yolox_l', 'yolox_x',
-           'YOLOXHead', 'make_grids', 'decode_boxes', 'fold_conv_bn', 'fuse_conv_bn', 'YOLOX', 'yolox_postprocess']
+           'YOLOXHead', 'make_grids', 'decode_boxes', 'fold_conv_bn', 'fuse_conv_bn', 'onednn_pointwise_available',
+           'ConvSiLU', 'fuse_conv_silu', 'YOLOX', 'yolox_postprocess']
 
 # %% ../../nbs/22_models_yolox.ipynb #975fbbfc
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..backbones.cspdarknet import BaseConv, DWConv, YOLOPAFPN
@@ -149,6 +152,47 @@ def fuse_conv_bn(module: nn.Module) -> int:
                 count += 1
     return count
 
+# %% ../../nbs/22_models_yolox.ipynb #0ne0dnn2
+@functools.cache
+def onednn_pointwise_available() -> bool:
+    """Whether this torch build has oneDNN's fused convolution + activation op (x86/ARM CPU builds do)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_convolution_pointwise')
+
+
+def _exporting() -> bool:
+    compiling = getattr(torch.compiler, 'is_compiling', lambda: False)()
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() or compiling
+
+
+class ConvSiLU(nn.Conv2d):
+    """A biased Conv2d followed by SiLU; at CPU inference one oneDNN call computes both (SiLU as a post-op)."""
+    def uses_onednn(self, x: Tensor) -> bool:
+        """Whether `forward(x)` takes the fused oneDNN call (else conv then SiLU)."""
+        return (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled()
+                and self.padding_mode == 'zeros' and not _exporting() and onednn_pointwise_available())
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H', W')
+        if self.uses_onednn(x):
+            return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, self.padding, self.stride,
+                                                            self.dilation, self.groups, 'swish', [], '')
+        return F.silu(super().forward(x))
+
+
+def fuse_conv_silu(module: nn.Module) -> int:
+    """Make, in place, each BN-folded `BaseConv` with SiLU a `ConvSiLU` (its `act` becomes Identity); count."""
+    count = 0
+    for block in module.modules():
+        folded = isinstance(block, BaseConv) and isinstance(block.bn, nn.Identity)
+        if folded and type(block.act) is nn.SiLU and type(block.conv) is nn.Conv2d:
+            conv = block.conv
+            new = ConvSiLU(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                           conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode,
+                           device=conv.weight.device, dtype=conv.weight.dtype)
+            new.weight, new.bias = conv.weight, conv.bias  # the same parameters, same names
+            block.conv, block.act = new, nn.Identity()
+            count += 1
+    return count
+
 # %% ../../nbs/22_models_yolox.ipynb #06f7c95f
 class YOLOX(nn.Module):
     """YOLOX detector: YOLOPAFPN (CSPDarknet + neck) as `backbone`, the decoupled `head` (official module names)."""
@@ -184,7 +228,8 @@ class YOLOX(nn.Module):
         boxes = decode_boxes(raw[..., :4].float(), grids, strides)  # (B, N, 4) cxcywh, input pixels, float32
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.training):
             probs = flat[:, 4:].float().sigmoid()  # (B, 1+K, N): sigmoid on contiguous memory, ~2x cheaper
-            decoded = torch.cat([boxes, probs.transpose(1, 2)], dim=-1)  # (B, N, 5+K) float32
+            # built as (B, 5+K, N), returned as a (B, N, 5+K) view: no transposing copy of the big class block
+            decoded = torch.cat([boxes.transpose(1, 2), probs], dim=1).transpose(1, 2)  # (B, N, 5+K) float32
         return dict(boxes=boxes, obj_logits=raw[..., 4], cls_logits=raw[..., 5:], reg_raw=raw[..., :4],
                     grids=grids, strides=strides, decoded=decoded, input_size=tuple(images.shape[-2:]))
 
@@ -201,10 +246,12 @@ class YOLOX(nn.Module):
         return yolox_postprocess(outputs['decoded'], sizes, outputs['input_size'], self.cfg.conf_thre,
                                  self.cfg.nms_thre)
 
-    def fuse(self, channels_last: bool = True) -> 'YOLOX':
+    def fuse(self, channels_last: bool = True, onednn: bool = True) -> 'YOLOX':
         """Fold each BatchNorm into its conv (exact in eval mode); return self, in eval mode, for inference only."""
         self.eval()
         fuse_conv_bn(self)
+        if onednn:
+            fuse_conv_silu(self)  # conv + SiLU as one oneDNN call at CPU inference
         self.fused = True
         if channels_last and not self.channels_last:
             self.channels_last = True
