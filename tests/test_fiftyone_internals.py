@@ -40,6 +40,18 @@ def _targets():
             {'boxes': torch.tensor([[0., 0., 128., 96.]]), 'labels': torch.tensor([1])}]
 
 
+def _half_trained_boxes(out, targets):
+    """(B, N, 4) cxcywh: each anchor predicts, around its own centre, the size of the nearest object (x0.8..1.2)."""
+    centers = (out['grids'] + 0.5) * out['strides'][:, None]  # (N, 2)
+    boxes = []
+    for t in targets:
+        gt = torchvision.ops.box_convert(t['boxes'], 'xyxy', 'cxcywh')  # (G, 4)
+        nearest = torch.cdist(centers, gt[:, :2]).argmin(1)  # (N,)
+        scale = 0.8 + 0.4 * torch.rand(len(centers), 1)
+        boxes.append(torch.cat([centers, gt[nearest, 2:] * scale], 1))
+    return torch.stack(boxes)
+
+
 def brute_force_dynamic_k(pred_cxcywh, grids, strides, gt_xyxy):
     """k per gt from first principles: anchors whose centre is inside the 1.5-stride square around the gt centre."""
     centers = ((grids + 0.5) * strides[:, None]).numpy()
@@ -63,6 +75,7 @@ def test_yolox_dynamic_k_and_matches_equal_simota_and_the_loss():
     with torch.no_grad():
         out = model(torch.rand(2, 3, 128, 128) * 255)
     dets = model.postprocess(out, torch.tensor([[128, 128], [128, 128]]))
+    out['boxes'] = _half_trained_boxes(out, targets)  # untrained boxes overlap nothing: every k would be 1
     got = YOLOX_FAMILY.training_internals(model, out, targets, dets)
     assert len(got) == 2 and all(isinstance(g, Internals) for g in got)
     loss_targets = yolox_targets(out, targets, 3, {'center_radius': CENTER_RADIUS, 'topk_candidates': TOPK})
@@ -79,6 +92,7 @@ def test_yolox_dynamic_k_and_matches_equal_simota_and_the_loss():
         per_anchor[fg[b]] = gt_of_positive
         assert torch.equal(g.matched_gt['simota'], per_anchor[det['index']])
     assert any(g.detections['simota_positive'].any() for g in got)  # the check saw positives
+    assert max(max(g.gt['simota_dynamic_k'].tolist()) for g in got) > 1  # and objects asking for several anchors
 
 
 def test_dfine_edge_uncertainty_and_hungarian_match_are_independent_computations():
