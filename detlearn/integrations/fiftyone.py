@@ -125,13 +125,14 @@ def predict_images(checkpoint: str | Path,  # a detlearn checkpoint
     for start in range(0, len(data['images']), batch_size):
         infos = data['images'][start:start + batch_size]
         images = [read_image(images_dir / im['file_name']) for im in infos]
-        samples = [detect.transforms(image, gt_target(image, anns[int(im['id'])], names, detect.class_names))
-                   for image, im in zip(images, infos)]
+        samples = [detect.transforms(image, gt_target(image, anns[int(im['id'])], names, detect.class_names,
+                                                      int(im['id']))) for image, im in zip(images, infos)]
         for im, t, det, extra in zip(infos, *predict_batch(detect, family, samples)):
             ann_ids = t['ann_id'].tolist()
             preds[int(im['id'])] = format_detections(det, extra, ann_ids, detect.class_names, score_threshold)
             for name, values in extra.gt.items():
-                for ann_id, value in zip(ann_ids, values.tolist()): gt_attributes[ann_id][name] = value
+                for ann_id, value in zip(ann_ids, values.tolist()):
+                    gt_attributes[ann_id][name] = value
     return preds, dict(gt_attributes)
 
 # %% ../../nbs/56_integrations_fiftyone.ipynb #78e75e91
