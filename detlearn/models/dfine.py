@@ -122,7 +122,7 @@ def dfine_postprocess(logits: Tensor,  # (B, Q, K) class logits
                       boxes_cxcywh: Tensor,  # (B, Q, 4) normalised to the image
                       sizes: Tensor,  # (B, 2) original (h, w)
                       top_k: int = 300,
-                      ) -> list[dict]:  # per image: boxes (k, 4) xyxy pixels, scores (k,), labels (k,)
+                      ) -> list[dict]:  # per image: boxes (k, 4) xyxy pixels, scores, labels, index (k,) query
     """Top-k (query, class) pairs by sigmoid score, boxes scaled to the original image."""
     B, Q, K = logits.shape
     scores, index = logits.sigmoid().flatten(1).topk(min(top_k, Q * K), dim=-1)  # (B, k)
@@ -130,7 +130,8 @@ def dfine_postprocess(logits: Tensor,  # (B, Q, K) class logits
     boxes = box_cxcywh_to_xyxy(boxes_cxcywh).gather(1, query[..., None].expand(-1, -1, 4))  # (B, k, 4)
     scale = sizes.to(boxes).flip(-1).repeat(1, 2)[:, None]  # (B, 1, 4) = w, h, w, h
     boxes = boxes * scale
-    return [{'boxes': b, 'scores': s, 'labels': l} for b, s, l in zip(boxes, scores, labels)]
+    return [{'boxes': b, 'scores': s, 'labels': l, 'index': q}
+            for b, s, l, q in zip(boxes, scores, labels, query)]
 
 # %% ../../nbs/43b_models_dfine.ipynb #3a02f6e9
 class DFINE(nn.Module):

@@ -391,7 +391,8 @@ def decoder_forward(dec: DFINEDecoder, feats: list[Tensor], denoising: dict | No
         attn_mask = denoising['attn_mask']
     out = refine(dec, content, ref_unact, memory, shapes, attn_mask)
     if not dec.training:
-        return {'pred_logits': out['logits'][-1], 'pred_boxes': out['boxes'][-1]}
+        return {'pred_logits': out['logits'][-1], 'pred_boxes': out['boxes'][-1],  # the official eval outputs
+                'pred_corners': out['corners'][-1], 'ref_points': out['refs'][-1]}  # + what made the boxes
     return decoder_outputs(dec, out, enc, denoising)
 
 # %% ../../nbs/43_models_dfine_decoder.ipynb #dc91e0aa

@@ -19,9 +19,10 @@ from ..train_utils import LoopConfig, OptimConfig, ScheduleConfig, TrainConfig, 
 from ..utils import DetlearnError
 
 # %% auto #0
-__all__ = ['DFINE_CLASS_SPECIFIC', 'OFFICIAL_RELEASE', 'DFINE_PRESETS', 'DFINE_OFFICIAL', 'DFINE_RECIPES', 'DFINE_FAMILY',
-           'read_official_dfine', 'dfine_official_to_detlearn', 'dfine_num_classes', 'dfine_coco_recipe',
-           'dfine_train_dataset', 'dfine_eval_transforms', 'dfine_start_epoch']
+__all__ = ['DFINE_CLASS_SPECIFIC', 'OFFICIAL_RELEASE', 'DFINE_PRESETS', 'DFINE_OFFICIAL', 'DFINE_RECIPES', 'EDGES',
+           'DFINE_FAMILY', 'read_official_dfine', 'dfine_official_to_detlearn', 'dfine_num_classes',
+           'dfine_coco_recipe', 'dfine_query_matches', 'dfine_internals', 'dfine_train_dataset',
+           'dfine_eval_transforms', 'dfine_start_epoch']
 
 # %% ../../nbs/43c_models_dfine_family.ipynb #862d42c3
 def read_official_dfine(path: str | Path,  # an official D-FINE .pth (training state or bare state dict)
@@ -86,6 +87,44 @@ def dfine_coco_recipe(size: str) -> Recipe:
 DFINE_RECIPES = {f'dfine_{s}_{epochs}e_coco': (lambda s=s: dfine_coco_recipe(s))
                  for s, (epochs, *_) in _DFINE_COCO.items()}
 
+# %% ../../nbs/43c_models_dfine_family.ipynb #d24d4c5e
+from .dfine import dfine_targets
+from .dfine_decoder import project_of
+from .family import Internals, gt_of_detections
+from .fdr import edge_uncertainty
+
+# %% ../../nbs/43c_models_dfine_family.ipynb #57532a9a
+EDGES = ('left', 'top', 'right', 'bottom')
+
+
+def dfine_query_matches(model: DFINE, outputs: dict, target: dict, b: int) -> tuple[Tensor, Tensor]:
+    """Image `b`'s Hungarian (query, gt) pairs, by the model's criterion's matcher on the final layer."""
+    normalised = dfine_targets([target], tuple(int(s) for s in target['size']))  # boxes / input (w, h)
+    logits, boxes = outputs['pred_logits'][b:b + 1], outputs['pred_boxes'][b:b + 1]  # (1, Q, K), (1, Q, 4)
+    return model.criterion.matcher(logits, boxes, normalised)[0]
+
+
+@torch.no_grad()
+def dfine_internals(model: DFINE, outputs: dict,  # eval outputs with pred_corners and ref_points
+                    targets: list[dict],  # per image: boxes (G, 4) xyxy input pixels, labels, size, orig_size
+                    detections: list[dict],  # model.postprocess: per image index (M,) queries
+                    ) -> list[Internals]:
+    """Per detection: its edge uncertainty in original pixels and the gt its query is matched to."""
+    dec = model.decoder
+    corners = outputs['pred_corners']  # (B, Q, 4(N+1))
+    project = project_of(dec, corners)  # (N+1,) W(n)
+    sigma = edge_uncertainty(corners, project, outputs['ref_points'], dec.reg_scale)  # (B, Q, 4) normalised
+    result = []
+    for b, (target, det) in enumerate(zip(targets, detections)):
+        h, w = (int(s) for s in target['orig_size'])
+        pixels = sigma[b][det['index']] * sigma.new_tensor([w, h, w, h])  # (M, 4)
+        values = {'edge_uncertainty': pixels.mean(-1)} | {f'edge_uncertainty_{e}': pixels[:, i]
+                                                         for i, e in enumerate(EDGES)}
+        queries, gts = dfine_query_matches(model, outputs, target, b)
+        matched = gt_of_detections(det['index'], queries, gts, corners.shape[1])  # (M,)
+        result.append(Internals(detections=values, matched_gt={'hungarian': matched}))
+    return result
+
 # %% ../../nbs/43c_models_dfine_family.ipynb #7f637923
 def dfine_train_dataset(raw: Dataset,  # a CocoDetection built with transforms=None
                         recipe: Recipe) -> Dataset:
@@ -115,4 +154,5 @@ DFINE_FAMILY = Family(
     name='dfine', model_class=DFINE, presets=DFINE_PRESETS, recipes=DFINE_RECIPES,
     default_recipe=lambda preset: dfine_coco_recipe(preset.removeprefix('dfine_')),
     train_dataset=dfine_train_dataset, eval_transforms=dfine_eval_transforms, start_epoch=dfine_start_epoch,
-    official=DFINE_OFFICIAL, fuse=lambda model: model.deploy(), flops_probe=None, onnx_contract='detr')
+    official=DFINE_OFFICIAL, fuse=lambda model: model.deploy(), flops_probe=None, onnx_contract='detr',
+    internals=dfine_internals)

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['Recipe', 'OfficialFormat', 'coco_categories', 'empty_target', 'replace_config_fields', 'official_state_dict',
-           'no_epoch_switch', 'no_fusion', 'Family']
+           'Internals', 'gt_of_detections', 'no_epoch_switch', 'no_fusion', 'Family']
 
 # %% ../../nbs/23b_models_family.ipynb #aaf179dc
 import dataclasses
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -96,6 +97,25 @@ def official_state_dict(ckpt,  # what torch.load returned
     raise DetlearnError(f"{path} is not an official {family} checkpoint: expected the weights under {expected} "
                         f"(or a bare state dict), found {found_keys}")
 
+# %% ../../nbs/23b_models_family.ipynb #930f82ac
+@dataclass
+class Internals:
+    """Training internals of one image: extra attributes of its ground-truth boxes and of its detections."""
+    gt: dict[str, Tensor] = field(default_factory=dict)          # name -> (G,), in the targets' box order
+    detections: dict[str, Tensor] = field(default_factory=dict)  # name -> (M,), in postprocess order
+    matched_gt: dict[str, Tensor] = field(default_factory=dict)  # name -> (M,) int64 gt row of each, -1 = none
+
+
+def gt_of_detections(det_index: Tensor,  # (M,) int64 anchor or query of each detection
+                     pred_index: Tensor,  # (F,) int64 anchors or queries that were given a gt in training
+                     gt_index: Tensor,  # (F,) int64 the gt row each of them was given
+                     num_predictions: int,  # N anchors or Q queries
+                     ) -> Tensor:  # (M,) int64, -1 where the detection's anchor/query got none
+    """The ground-truth row each detection's anchor or query was matched to in training."""
+    per_prediction = torch.full((num_predictions,), -1, dtype=torch.int64, device=det_index.device)  # (N,)
+    per_prediction[pred_index.to(det_index.device)] = gt_index.to(det_index.device)
+    return per_prediction[det_index]
+
 # %% ../../nbs/23b_models_family.ipynb #62042747
 def no_epoch_switch(model: nn.Module, dataset: Dataset, epoch: int, cfg: TrainConfig) -> None:
     """A family without per-epoch switches."""
@@ -121,7 +141,16 @@ class Family:
     fuse: Callable[[nn.Module], nn.Module] = no_fusion  # inference-time conversion (conv+BN folding, ...)
     flops_probe: int | None = 64  # count FLOPs at probe² and scale by area (convnets); None: at the real size
     onnx_contract: str | None = None  # the official deployment contract of its ONNX files: 'yolox' or 'detr'
+    # (model, eval outputs, targets in input pixels, postprocess detections with 'index') -> per image
+    internals: Callable[[nn.Module, dict, list[dict], list[dict]], list[Internals]] | None = None
 
     def build(self, preset: str, num_classes: int, overrides: dict | None = None) -> nn.Module:
         """A randomly initialised model of `preset` with `num_classes` classes and config `overrides`."""
         return self.model_class(replace_config_fields(self.presets[preset](num_classes), overrides))
+
+    def training_internals(self, model: nn.Module, outputs: dict, targets: list[dict],
+                           detections: list[dict]) -> list[Internals]:
+        """Per image, the family's training internals (see `Internals`); empty records if it has none."""
+        if self.internals is None:
+            return [Internals() for _ in detections]
+        return self.internals(model, outputs, targets, detections)

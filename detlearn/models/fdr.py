@@ -13,7 +13,8 @@ from ..boxes import box_xyxy_to_cxcywh
 from ..utils import DetlearnError
 
 # %% auto #0
-__all__ = ['weighting_function', 'integrate_distribution', 'distance_to_bbox', 'translate_distance', 'bbox_to_distance']
+__all__ = ['weighting_function', 'integrate_distribution', 'distance_to_bbox', 'edge_uncertainty', 'translate_distance',
+           'bbox_to_distance']
 
 # %% ../../nbs/42_models_fdr.ipynb #285fabf2
 def weighting_function(reg_max: int = 32,  # N: bins are n = 0..N
@@ -56,6 +57,23 @@ def distance_to_bbox(ref_cxcywh: Tensor,  # (..., 4) reference boxes cx, cy, w, 
     x2 = cx + (0.5 * c + distance[..., 2]) * (w / c)
     y2 = cy + (0.5 * c + distance[..., 3]) * (h / c)
     return box_xyxy_to_cxcywh(torch.stack([x1, y1, x2, y2], -1))
+
+# %% ../../nbs/42_models_fdr.ipynb #c65d3ac2
+def edge_uncertainty(corners: Tensor,  # (..., 4*(N+1)) logits, edges left, top, right, bottom
+                     project: Tensor,  # (N+1,) W(n)
+                     ref_cxcywh: Tensor,  # (..., 4) reference boxes cx, cy, w, h (normalised)
+                     reg_scale: float | Tensor,  # c
+                     ) -> Tensor:  # (..., 4) std of each edge's position, normalised like the boxes
+    """Standard deviation of each edge's position under its distribution: σ = std(W(n))·w/c (h/c)."""
+    bins = project.shape[0]
+    prob = corners.unflatten(-1, (4, bins)).float().softmax(-1)  # (..., 4, N+1)
+    project = project.to(prob)
+    mean = prob @ project  # (..., 4) the offsets d
+    var = (prob * (project - mean[..., None]) ** 2).sum(-1)  # (..., 4), centred: no cancellation
+    c = abs(float(reg_scale))
+    w, h = ref_cxcywh[..., 2], ref_cxcywh[..., 3]
+    unit = torch.stack([w, h, w, h], -1) / c  # (..., 4) what one unit of d moves each edge
+    return var.sqrt() * unit
 
 # %% ../../nbs/42_models_fdr.ipynb #45673370
 def translate_distance(distance: Tensor,  # (...,) edge offsets d, units of w/c

@@ -271,7 +271,7 @@ def yolox_postprocess(decoded: Tensor,  # (B, N, 5+K) [cx, cy, w, h, obj prob, c
                       sizes: Tensor,  # (B, 2) original (h, w) of each image
                       input_size: tuple[int, int],  # (H_in, W_in) letterbox size the network saw
                       conf_thre: float, nms_thre: float,
-                     ) -> list[dict]:  # per image: boxes (M, 4) xyxy original pixels, scores (M,), labels (M,) int64
+                     ) -> list[dict]:  # per image: boxes (M, 4) xyxy original pixels, scores, labels, index (M,)
     """Official YOLOX postprocess: score = obj·max cls, threshold, class-aware NMS, undo the letterbox, clip."""
     boxes_xyxy = box_cxcywh_to_xyxy(decoded[..., :4])  # (B, N, 4)
     cls_conf, labels = decoded[..., 5:].max(dim=-1)  # (B, N), (B, N)
@@ -279,8 +279,10 @@ def yolox_postprocess(decoded: Tensor,  # (B, N, 5+K) [cx, cy, w, h, obj prob, c
     results = []
     for i, (h, w) in enumerate(torch.as_tensor(sizes).tolist()):
         keep = scores[i] >= conf_thre
+        anchors = keep.nonzero().squeeze(1)  # (M0,) anchor index of each kept prediction
         b, sc, lb = boxes_xyxy[i][keep], scores[i][keep], labels[i][keep]
         idx = batched_nms(b, sc, lb, nms_thre)
         r = min(input_size[0] / h, input_size[1] / w)
-        results.append(dict(boxes=clamp_boxes(b[idx] / r, (h, w)), scores=sc[idx], labels=lb[idx]))
+        results.append(dict(boxes=clamp_boxes(b[idx] / r, (h, w)), scores=sc[idx], labels=lb[idx],
+                            index=anchors[idx]))  # (M,) int64 anchor of each detection
     return results

@@ -6,7 +6,7 @@
 __all__ = ['YOLOX_RECIPES', 'OFFICIAL_RELEASE', 'YOLOX_PRESETS', 'YOLOX_OFFICIAL', 'YOLOX_FAMILY', 'YOLOXAugment',
            'yolox_coco_recipe', 'yolox_train_dataset', 'yolox_eval_transforms', 'yolox_start_epoch',
            'read_official_yolox', 'yolox_official_to_detlearn', 'yolox_num_classes', 'coco80_label_space',
-           'official_preprocess', 'yolox_fuse']
+           'official_preprocess', 'simota_options', 'yolox_internals', 'yolox_fuse']
 
 # %% ../../nbs/23c_models_yolox_family.ipynb #c38a7ecc
 import json
@@ -14,14 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, Compose, Letterbox, ToTensor
 from ..data.transforms_yolox import MosaicMixupDataset, yolox_transforms
-from .family import (Family, OfficialFormat, Recipe, coco_categories, empty_target,
-                                    official_state_dict)
+from ..assign.simota import simota_assign
+from .family import (Family, Internals, OfficialFormat, Recipe, coco_categories, empty_target,
+                                    gt_of_detections, official_state_dict)
 from .yolox import YOLOX, YOLOXConfig, yolox_l, yolox_m, yolox_nano, yolox_s, yolox_tiny, yolox_x
+from .yolox_loss import YOLOXCriterion
 from ..train_utils import LoopConfig, OptimConfig, ScheduleConfig, TrainConfig, load_checkpoint
 from ..utils import DetlearnError
 
@@ -134,6 +137,35 @@ def official_preprocess(image: np.ndarray,  # (h, w, 3) uint8
     h, w = rgb.shape[:2]
     return x[None], min(size[0] / h, size[1] / w)
 
+# %% ../../nbs/23c_models_yolox_family.ipynb #f642e05b
+def simota_options(model: YOLOX) -> dict:
+    """SimOTA's options as the model's loss uses them: its criterion's, else the criterion's defaults."""
+    criterion = model.criterion if model.criterion is not None else YOLOXCriterion(model.cfg.num_classes)
+    return criterion.assign_options
+
+
+@torch.no_grad()
+def yolox_internals(model: YOLOX, outputs: dict,  # model outputs in eval mode
+                    targets: list[dict],  # per image: boxes (G, 4) xyxy input pixels, labels (G,)
+                    detections: list[dict],  # model.postprocess: per image index (M,) anchors
+                    ) -> list[Internals]:
+    """SimOTA on these outputs, as the loss runs it: each gt's dynamic k and anchors, each detection's gt."""
+    grids, strides = outputs['grids'].float(), outputs['strides'].float()  # (N, 2), (N,)
+    result = []
+    for b, (target, det) in enumerate(zip(targets, detections)):
+        gt_xyxy = torch.as_tensor(target['boxes'], dtype=torch.float32, device=grids.device).reshape(-1, 4)
+        labels = torch.as_tensor(target['labels'], dtype=torch.int64, device=grids.device)  # (G,)
+        res = simota_assign(outputs['boxes'][b].float(), outputs['obj_logits'][b].float(),
+                            outputs['cls_logits'][b].float(), gt_xyxy, labels, grids, strides,
+                            **simota_options(model))
+        anchors = res.fg_mask.nonzero().squeeze(1)  # (F,) positive anchors, in the order of matched_gt
+        matched = gt_of_detections(det['index'], anchors, res.matched_gt, len(grids))  # (M,)
+        gt = {'simota_dynamic_k': res.dynamic_k,
+              'simota_num_anchors': torch.bincount(res.matched_gt, minlength=len(labels))}
+        result.append(Internals(gt=gt, detections={'simota_positive': matched >= 0},
+                                matched_gt={'simota': matched}))
+    return result
+
 # %% ../../nbs/23c_models_yolox_family.ipynb #a6290934
 OFFICIAL_RELEASE = 'https://github.com/Megvii-BaseDetection/YOLOX/releases/download/0.1.1rc0'
 
@@ -155,4 +187,5 @@ YOLOX_FAMILY = Family(
     name='yolox', model_class=YOLOX, presets=YOLOX_PRESETS, recipes=YOLOX_RECIPES,
     default_recipe=lambda preset: yolox_coco_recipe(preset.removeprefix('yolox_')),
     train_dataset=yolox_train_dataset, eval_transforms=yolox_eval_transforms,
-    start_epoch=yolox_start_epoch, official=YOLOX_OFFICIAL, fuse=yolox_fuse, onnx_contract='yolox')
+    start_epoch=yolox_start_epoch, official=YOLOX_OFFICIAL, fuse=yolox_fuse, onnx_contract='yolox',
+    internals=yolox_internals)
