@@ -39,6 +39,7 @@ class YOLOXConfig:
     test_size: tuple[int, int] = (640, 640)  # (h, w) letterbox size; nano and tiny are evaluated at 416
     prior_prob: float = 1e-2  # initial objectness/class probability: BCE starts near the rare-positive regime
     legacy_preprocess: bool = False  # 0.1.0 weights: RGB, /255, ImageNet mean/std; later ones: BGR 0-255
+    head_width: float | None = None  # head channels = int(256·head_width); None: `width` (every official model)
 
 
 def yolox_nano(num_classes: int = 80) -> YOLOXConfig:
@@ -69,11 +70,12 @@ def yolox_x(num_classes: int = 80) -> YOLOXConfig:
 class YOLOXHead(nn.Module):
     """Decoupled YOLOX head: per level a 1×1 stem, a cls tower and a reg tower, then cls/reg/obj 1×1 predictors."""
     def __init__(self, num_classes: int, width: float = 1.0, strides: tuple[int, ...] = STRIDES,
-                 in_channels: tuple[int, ...] = IN_CHANNELS, act: str = 'silu', depthwise: bool = False):
+                 in_channels: tuple[int, ...] = IN_CHANNELS, act: str = 'silu', depthwise: bool = False,
+                 head_width: float | None = None):  # None: `width`, as in every official model
         super().__init__()
         self.num_classes, self.strides = num_classes, tuple(strides)
         Conv = DWConv if depthwise else BaseConv
-        hidden = int(256 * width)
+        hidden = int(256 * (head_width or width))
         tower = lambda: nn.Sequential(Conv(hidden, hidden, 3, 1, act=act), Conv(hidden, hidden, 3, 1, act=act))
         levels = range(len(in_channels))
         # registration order = the official state_dict order
@@ -202,7 +204,8 @@ class YOLOX(nn.Module):
         self.fused = False  # set by `fuse()`: BatchNorms folded into the convs, inference only
         self.channels_last = False  # set by `fuse()`: run the convs in NHWC, oneDNN's native layout
         self.backbone = YOLOPAFPN(cfg.depth, cfg.width, IN_CHANNELS, cfg.depthwise, cfg.act)
-        self.head = YOLOXHead(cfg.num_classes, cfg.width, STRIDES, IN_CHANNELS, cfg.act, cfg.depthwise)
+        self.head = YOLOXHead(cfg.num_classes, cfg.width, STRIDES, IN_CHANNELS, cfg.act, cfg.depthwise,
+                              cfg.head_width)
         self.head.initialize_biases(cfg.prior_prob)
         self.use_l1 = False  # the trainer switches the L1 box loss on for the last epochs
         self.criterion = None  # a YOLOXCriterion (no tensors of its own: the state_dict stays the official one)
