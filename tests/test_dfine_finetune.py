@@ -1,4 +1,4 @@
-"""Fine-tuning D-FINE from an official-layout file (made by the official code: tests/data/dfine) and its recipes."""
+"""Fine-tuning D-FINE from an official-layout file (made by the official code) and its recipes."""
 from pathlib import Path
 
 import pytest

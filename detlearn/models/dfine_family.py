@@ -96,7 +96,7 @@ DFINE_RECIPES |= {f'dfine_{s}_coco': DFINE_RECIPES[f'dfine_{s}_{epochs}e_coco']
                   for s, (epochs, *_) in _DFINE_COCO.items()}
 
 # %% ../../nbs/43c_models_dfine_family.ipynb #21f917c6
-@dataclass
+@dataclass(frozen=True)
 class DFINEAugment:
     """Strength of D-FINE's training augmentation; the defaults are the official COCO pipeline."""
     photometric_p: float = 0.5             # SSD colour distortion
@@ -128,9 +128,10 @@ def dfine_shapes_recipe(epochs: int = 16, img_size: int = 256, lr: float = 5e-4)
     optim = OptimConfig(name='adamw', lr=lr, lr_per_image=False, weight_decay=1e-4, clip_grad_norm=0.1)
     schedule = ScheduleConfig(name='flat_cosine', warmup_epochs=1, warmup_power=1.0, flat_epochs=epochs // 2,
                               min_lr_ratio=0.05)
-    loop = LoopConfig(epochs=epochs, batch_size=8, num_workers=1, ema_decay=0.99, ema_warmup=50.0, eval_every=2,
-                      no_aug_epochs=max(1, epochs // 6), log_every=10)
-    return Recipe('dfine_n', img_size, TrainConfig(optim=optim, schedule=schedule, loop=loop), augment=MILD_AUGMENT)
+    loop = LoopConfig(epochs=epochs, batch_size=8, num_workers=1, ema_decay=0.99, ema_warmup=50.0,
+                      eval_every=2, no_aug_epochs=max(1, epochs // 6), log_every=10)
+    train = TrainConfig(optim=optim, schedule=schedule, loop=loop)
+    return Recipe('dfine_n', img_size, train, augment=MILD_AUGMENT)
 
 # %% ../../nbs/43c_models_dfine_family.ipynb #77b2e0aa
 def dfine_finetune_recipe(size: str,  # 'n', 's', 'm', 'l' or 'x'
@@ -161,13 +162,13 @@ def dfine_official_state_dict(model: DFINE, size: int = 640) -> dict[str, Tensor
     shapes = [(size // s, size // s) for s in dec.feat_strides]
     anchors, valid = generate_anchors(shapes, dec.anchor_eps)  # (1, N, 4) logits with +inf, (1, N, 1)
     state['decoder.reg_scale'] = state['decoder.reg_scale'].round().long()  # official: int64
-    state |= {'decoder.anchors': anchors, 'decoder.valid_mask': valid,
-              'decoder.decoder.up': state['decoder.up'], 'decoder.decoder.reg_scale': state['decoder.reg_scale']}
-    return state
+    aliases = {'decoder.decoder.up': state['decoder.up'],  # the official decoder lists these twice
+               'decoder.decoder.reg_scale': state['decoder.reg_scale']}
+    return state | aliases | {'decoder.anchors': anchors, 'decoder.valid_mask': valid}
 
 
 def save_official_dfine(model: DFINE, path: str | Path, size: int = 640) -> Path:
-    """Write `model` as an official D-FINE checkpoint (`{'ema': {'module', 'updates'}}`) that the hub reads."""
+    """Write `model` as an official D-FINE checkpoint (`{'ema': {'module', 'updates'}}`), as the hub reads."""
     save_checkpoint({'ema': {'module': dfine_official_state_dict(model, size), 'updates': 0}}, path)
     return Path(path)
 
