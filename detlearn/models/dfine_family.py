@@ -5,24 +5,29 @@
 # %% ../../nbs/43c_models_dfine_family.ipynb #2d3a9c18
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ..data.transforms_dfine import StopEpochCompose, dfine_transforms
+from ..data.transforms import RandomHorizontalFlip, Resize, SanitizeBoxes, ToTensor
+from ..data.transforms_dfine import (
+    RandomIoUCrop, RandomPhotometricDistort, RandomZoomOut, StopEpochCompose, dfine_transforms)
+from .dfine_decoder import generate_anchors
 from .dfine import DFINE, NOT_WEIGHTS, DFINEConfig, dfine_l, dfine_m, dfine_n, dfine_s, dfine_x
 from .family import Family, OfficialFormat, Recipe, official_state_dict
 from .yolox_family import coco80_label_space
-from ..train_utils import LoopConfig, OptimConfig, ScheduleConfig, TrainConfig, load_checkpoint
+from ..train_utils import LoopConfig, OptimConfig, ScheduleConfig, TrainConfig, load_checkpoint, save_checkpoint
 from ..utils import DetlearnError
 
 # %% auto #0
 __all__ = ['DFINE_CLASS_SPECIFIC', 'OFFICIAL_RELEASE', 'DFINE_PRESETS', 'DFINE_OFFICIAL', 'DFINE_RECIPES', 'EDGES',
-           'DFINE_FAMILY', 'read_official_dfine', 'dfine_official_to_detlearn', 'dfine_num_classes',
-           'dfine_coco_recipe', 'dfine_query_matches', 'dfine_internals', 'dfine_train_dataset',
-           'dfine_eval_transforms', 'dfine_start_epoch']
+           'MILD_AUGMENT', 'DFINE_FAMILY', 'read_official_dfine', 'dfine_official_to_detlearn', 'dfine_num_classes',
+           'dfine_coco_recipe', 'dfine_query_matches', 'dfine_internals', 'DFINEAugment', 'dfine_augment_transforms',
+           'dfine_shapes_recipe', 'dfine_finetune_recipe', 'dfine_official_state_dict', 'save_official_dfine',
+           'dfine_train_dataset', 'dfine_eval_transforms', 'dfine_start_epoch']
 
 # %% ../../nbs/43c_models_dfine_family.ipynb #862d42c3
 def read_official_dfine(path: str | Path,  # an official D-FINE .pth (training state or bare state dict)
@@ -86,6 +91,9 @@ def dfine_coco_recipe(size: str) -> Recipe:
 
 DFINE_RECIPES = {f'dfine_{s}_{epochs}e_coco': (lambda s=s: dfine_coco_recipe(s))
                  for s, (epochs, *_) in _DFINE_COCO.items()}
+# the issue's names without the epoch count: the same recipes under a second name
+DFINE_RECIPES |= {f'dfine_{s}_coco': DFINE_RECIPES[f'dfine_{s}_{epochs}e_coco']
+                  for s, (epochs, *_) in _DFINE_COCO.items()}
 
 # %% ../../nbs/43c_models_dfine_family.ipynb #d24d4c5e
 from .dfine import dfine_targets
@@ -125,12 +133,89 @@ def dfine_internals(model: DFINE, outputs: dict,  # eval outputs with pred_corne
         result.append(Internals(detections=values, matched_gt={'hungarian': matched}))
     return result
 
+# %% ../../nbs/43c_models_dfine_family.ipynb #21f917c6
+@dataclass(frozen=True)
+class DFINEAugment:
+    """Strength of D-FINE's training augmentation; the defaults are the official COCO pipeline."""
+    photometric_p: float = 0.5             # SSD colour distortion
+    zoom_out_p: float = 0.5                # paste on a larger canvas (small objects)
+    zoom_out_range: tuple = (1.0, 4.0)     # canvas side / image side
+    iou_crop_p: float = 0.8                # SSD crop keeping objects with IoU >= a drawn threshold
+
+
+def dfine_augment_transforms(img_size: int, stop_epoch: int | None,
+                             augment: DFINEAugment) -> StopEpochCompose:
+    """The D-FINE training pipeline with `augment`'s strengths (the strong ops end at `stop_epoch`)."""
+    steps = [RandomPhotometricDistort(p=augment.photometric_p),
+             RandomZoomOut(fill=0, side_range=tuple(augment.zoom_out_range), p=augment.zoom_out_p),
+             RandomIoUCrop(p=augment.iou_crop_p),
+             SanitizeBoxes(min_size=1),
+             RandomHorizontalFlip(),
+             Resize((img_size, img_size)),
+             SanitizeBoxes(min_size=1),
+             ToTensor()]
+    strong = (RandomPhotometricDistort, RandomZoomOut, RandomIoUCrop)
+    return StopEpochCompose(steps, strong=strong, stop_epoch=stop_epoch)
+
+
+MILD_AUGMENT = DFINEAugment(photometric_p=0.5, zoom_out_p=0.3, zoom_out_range=(1.0, 2.0), iou_crop_p=0.3)
+
+# %% ../../nbs/43c_models_dfine_family.ipynb #d263852a
+def dfine_shapes_recipe(epochs: int = 16, img_size: int = 256, lr: float = 5e-4) -> Recipe:
+    """D-FINE-N from scratch on the shapes sample, sized for ~15 minutes on 2 CPU cores."""
+    optim = OptimConfig(name='adamw', lr=lr, lr_per_image=False, weight_decay=1e-4, clip_grad_norm=0.1)
+    schedule = ScheduleConfig(name='flat_cosine', warmup_epochs=1, warmup_power=1.0, flat_epochs=epochs // 2,
+                              min_lr_ratio=0.05)
+    loop = LoopConfig(epochs=epochs, batch_size=8, num_workers=1, ema_decay=0.99, ema_warmup=50.0,
+                      eval_every=2, no_aug_epochs=max(1, epochs // 6), log_every=10)
+    train = TrainConfig(optim=optim, schedule=schedule, loop=loop)
+    return Recipe('dfine_n', img_size, train, augment=MILD_AUGMENT)
+
+# %% ../../nbs/43c_models_dfine_family.ipynb #77b2e0aa
+def dfine_finetune_recipe(size: str,  # 'n', 's', 'm', 'l' or 'x'
+                          epochs: int = 24, img_size: int = 640, lr: float = 2e-4,
+                          backbone_lr_mult: float = 0.1,  # the pretrained backbone moves 10x slower
+                          batch_size: int = 8) -> Recipe:
+    """Fine-tuning D-FINE-`size` from (official) weights on a small dataset."""
+    if size not in _DFINE_COCO:
+        raise DetlearnError(f"unknown D-FINE size {size!r}; use one of {', '.join(_DFINE_COCO)}")
+    optim = OptimConfig(name='adamw', lr=lr, lr_per_image=False, weight_decay=1e-4,
+                        backbone_lr_mult=backbone_lr_mult, clip_grad_norm=0.1)
+    schedule = ScheduleConfig(name='flat_cosine', warmup_epochs=1, warmup_power=1.0, flat_epochs=epochs // 2,
+                              min_lr_ratio=0.05)
+    loop = LoopConfig(epochs=epochs, batch_size=batch_size, ema_decay=0.998, ema_warmup=100.0,
+                      eval_every=max(1, epochs // 4), no_aug_epochs=max(1, epochs // 4), multiscale=())
+    train = TrainConfig(optim=optim, schedule=schedule, loop=loop)
+    return Recipe(f'dfine_{size}', img_size, train, augment=MILD_AUGMENT)
+
+
+DFINE_RECIPES |= {'dfine_n_shapes': dfine_shapes_recipe}
+DFINE_RECIPES |= {f'dfine_{s}_finetune': (lambda s=s: dfine_finetune_recipe(s)) for s in _DFINE_COCO}
+
+# %% ../../nbs/43c_models_dfine_family.ipynb #1e54bed5
+def dfine_official_state_dict(model: DFINE, size: int = 640) -> dict[str, Tensor]:
+    """`model`'s weights under the official names, with the official anchor buffers for `size` x `size`."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    dec = model.cfg.decoder
+    shapes = [(size // s, size // s) for s in dec.feat_strides]
+    anchors, valid = generate_anchors(shapes, dec.anchor_eps)  # (1, N, 4) logits with +inf, (1, N, 1)
+    state['decoder.reg_scale'] = state['decoder.reg_scale'].round().long()  # official: int64
+    aliases = {'decoder.decoder.up': state['decoder.up'],  # the official decoder lists these twice
+               'decoder.decoder.reg_scale': state['decoder.reg_scale']}
+    return state | aliases | {'decoder.anchors': anchors, 'decoder.valid_mask': valid}
+
+
+def save_official_dfine(model: DFINE, path: str | Path, size: int = 640) -> Path:
+    """Write `model` as an official D-FINE checkpoint (`{'ema': {'module', 'updates'}}`), as the hub reads."""
+    save_checkpoint({'ema': {'module': dfine_official_state_dict(model, size), 'updates': 0}}, path)
+    return Path(path)
+
 # %% ../../nbs/43c_models_dfine_family.ipynb #7f637923
 def dfine_train_dataset(raw: Dataset,  # a CocoDetection built with transforms=None
                         recipe: Recipe) -> Dataset:
-    """The D-FINE training set: photometric, zoom-out, IoU crop, flip, square resize (strong ops stop late)."""
+    """The D-FINE training set: photometric, zoom-out, IoU crop (`recipe.augment`), flip, square resize."""
     stop_epoch = recipe.train.loop.epochs - recipe.train.loop.no_aug_epochs
-    raw.transforms = dfine_transforms(True, recipe.img_size, stop_epoch=stop_epoch)
+    raw.transforms = dfine_augment_transforms(recipe.img_size, stop_epoch, recipe.augment or DFINEAugment())
     return raw
 
 
