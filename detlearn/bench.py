@@ -85,7 +85,7 @@ def bench_trainer(model: str = 'yolox_nano', img_size: int = 256, batch_size: in
 
     def bare_step():
         with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = bare(images)
+            out = bare(images, masks=masks, targets=targets)  # DETRs add denoising queries from targets
         loss = bare.loss(to_float32(out), targets)['loss']
         opt.zero_grad(set_to_none=True)
         loss.backward()
