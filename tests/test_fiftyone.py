@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import missing
 from detlearn.data.samples import sample_dataset
 from detlearn.utils import DetlearnError
 
@@ -27,23 +28,6 @@ CHROMIUM = Path(os.environ.get('DETLEARN_CHROMIUM', '/usr/bin/chromium'))
 CHROMIUM_FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
                   '--disable-component-update', '--disable-sync', '--no-first-run']
 pytestmark = pytest.mark.xdist_group('fiftyone')  # one mongod per worker is enough
-
-
-def _missing(what: str):
-    if os.environ.get('CI'): pytest.fail(f'{what} -- required because CI is set')
-    pytest.skip(what)
-
-
-@pytest.fixture(scope='module')
-def fo():
-    os.environ.setdefault('FIFTYONE_DATABASE_DIR', tempfile.mkdtemp(prefix='detlearn-fo-'))
-    os.environ['FIFTYONE_DO_NOT_TRACK'] = 'true'
-    try:
-        import fiftyone
-    except ImportError:
-        _missing('fiftyone is not installed: pip install "detlearn[viz]"')
-    fiftyone.config.show_progress_bars = False
-    return fiftyone
 
 
 @pytest.fixture(scope='module')
@@ -161,9 +145,9 @@ def _free_port() -> int:
 
 
 def test_app_in_headless_chromium(fo, shapes):
-    if not CHROMIUM.exists(): _missing(f'Chromium not found at {CHROMIUM} (apt-get install -y chromium)')
+    if not CHROMIUM.exists(): missing(f'Chromium not found at {CHROMIUM} (apt-get install -y chromium)')
     try: from playwright.sync_api import sync_playwright
-    except ImportError: _missing('playwright is not installed (pip install playwright)')
+    except ImportError: missing('playwright is not installed (pip install playwright)')
     from detlearn.integrations.fiftyone import launch, to_fiftyone
     ann, images, coco = shapes
     ds = to_fiftyone(ann, images, predictions=[a | {'score': 1.0} for a in coco['annotations']], name='t-app')

@@ -26,6 +26,8 @@ from detlearn.models import create
 
 CENTER_RADIUS, TOPK = 1.5, 10  # YOLOXCriterion's defaults (the official values since 2023)
 
+pytestmark = pytest.mark.xdist_group('fiftyone')  # share the worker (and its mongod) with test_fiftyone
+
 
 def _yolox(seed: int = 0):
     torch.manual_seed(seed)
@@ -131,19 +133,6 @@ def test_dfine_edge_uncertainty_and_hungarian_match_are_independent_computations
     want = np.full(cost.shape[0], -1)
     want[rows] = cols
     assert got.matched_gt['hungarian'].tolist() == want[q].tolist()
-
-
-@pytest.fixture(scope='module')
-def fo():
-    os.environ.setdefault('FIFTYONE_DATABASE_DIR', tempfile.mkdtemp(prefix='detlearn-fo-'))
-    os.environ['FIFTYONE_DO_NOT_TRACK'] = 'true'
-    try:
-        import fiftyone
-    except ImportError:
-        if os.environ.get('CI'): pytest.fail('fiftyone is not installed -- required because CI is set')
-        pytest.skip('fiftyone is not installed: pip install "detlearn[viz]"')
-    fiftyone.config.show_progress_bars = False
-    return fiftyone
 
 
 @pytest.fixture(scope='module')
