@@ -5,10 +5,10 @@
 # %% ../../nbs/35c_models_dino_family.ipynb #d204fba4
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 from torch.utils.data import Dataset
-
-from dataclasses import dataclass
 
 from ..data.transforms import (IMAGENET_MEAN, IMAGENET_STD, Compose, RandomHorizontalFlip, RandomResize,
                                       Resize, ToTensor,
