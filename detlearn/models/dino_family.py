@@ -45,9 +45,8 @@ def dino_coco_recipe(preset: str = 'dino_4scale_r50', epochs: int = 12) -> Recip
 
 @dataclass(frozen=True)
 class DETRAugment:
-    """Small-image DETR augmentation: horizontal flip and a random shorter side from `scales` (no crop)."""
-    scales: tuple[int, ...] = (224, 240, 256, 272, 288)
-    max_size: int = 320
+    """Small-image DETR augmentation: horizontal flip, shorter side = img_size + a random offset (no crop)."""
+    offsets: tuple[int, ...] = (-32, -16, 0, 16, 32)  # 224-288 px at img_size 256
 
 
 def dino_tiny_shapes_recipe(epochs: int = 15) -> Recipe:
@@ -88,7 +87,8 @@ def dino_train_dataset(raw: Dataset, recipe: Recipe) -> Dataset:
     if aug is None:
         return _TransformedDataset(raw, detr_transforms(True))
     normalize = ToTensor(mean=IMAGENET_MEAN, std=IMAGENET_STD, divide=True)
-    small = Compose([RandomHorizontalFlip(), RandomResize(list(aug.scales), max_size=aug.max_size), normalize])
+    scales = [max(32, recipe.img_size + o) for o in aug.offsets]
+    small = Compose([RandomHorizontalFlip(), RandomResize(scales, max_size=max(scales)), normalize])
     return _TransformedDataset(raw, small)
 
 
