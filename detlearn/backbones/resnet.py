@@ -96,8 +96,8 @@ class ResNet(nn.Module):
                  width: int = 64,                                # stem/first stage width (torchvision: 64)
                  return_layers: tuple[int, ...] = (2, 3, 4),     # DINO 4scale: layer2-4; 5scale: layer1-4
                  freeze_stem_layer1: bool = True,                # as official: only layer2-4 train
-                 block: str = 'bottleneck',                      # 'bottleneck' (ResNet-50) or 'basic' (ResNet-18)
-                 norm: str = 'frozen'):                          # 'frozen' BN (pretrained) or 'bn' (from scratch)
+                 block: str = 'bottleneck',                      # or 'basic' (ResNet-18/34)
+                 norm: str = 'frozen'):                          # or 'bn': trainable, from scratch
         super().__init__()
         if not return_layers or any(i not in (1, 2, 3, 4) for i in return_layers):
             raise DetlearnError("ResNet: return_layers must be a non-empty subset of (1, 2, 3, 4), "
@@ -116,7 +116,7 @@ class ResNet(nn.Module):
                             2 if (i > 0 and j == 0) else 1, norm) for j in range(depth)]
             setattr(self, f'layer{i + 1}', nn.Sequential(*blocks))
             c_in = planes * Block.expansion
-        self.num_channels = [width * Block.expansion * 2 ** (i - 1) for i in self.return_layers]  # e.g. [512, 1024, 2048]
+        self.num_channels = [width * Block.expansion * 2 ** (i - 1) for i in self.return_layers]  # [512, 1024, 2048]
         self.strides = [2 ** (i + 1) for i in self.return_layers]                 # e.g. [8, 16, 32]
         if freeze_stem_layer1:
             for name, p in self.named_parameters():

@@ -76,8 +76,9 @@ def dino_4scale_swinl(num_classes: int = 91) -> DINOConfig:
 
 def dino_tiny(num_classes: int = 91) -> DINOConfig:
     """A CPU-sized DINO trained from scratch: ResNet-18 (trainable BN), width 128, 2+3 layers, 100 queries."""
-    return DINOConfig(num_classes=num_classes, test_size=(256, 256), backbone='resnet18', resnet_depths=(2, 2, 2, 2),
-                      resnet_block='basic', resnet_norm='bn', hidden_dim=128, enc_layers=2, dec_layers=3,
+    return DINOConfig(num_classes=num_classes, test_size=(256, 256), backbone='resnet18',
+                      resnet_depths=(2, 2, 2, 2), resnet_block='basic', resnet_norm='bn', hidden_dim=128,
+                      enc_layers=2, dec_layers=3,
                       dim_feedforward=512, num_queries=100, num_select=100, dn_number=20)
 
 
@@ -87,7 +88,7 @@ DINO_PRESETS = {'dino_4scale_r50': dino_4scale_r50, 'dino_5scale_r50': dino_5sca
 # %% ../../nbs/35b_models_dino.ipynb #0a4eff8a
 def build_backbone(cfg: DINOConfig) -> nn.Module:
     """The backbone named by the config, returning [(feature, mask)] for its chosen stages."""
-    if cfg.backbone in ('resnet50', 'resnet18'):  # the ResNet family; depths/block/norm choose ResNet-50 or the tiny ResNet-18
+    if cfg.backbone in ('resnet50', 'resnet18'):  # depths/block/norm: ResNet-50 or -18
         frozen = cfg.resnet_norm == 'frozen'  # from scratch, the stem and layer1 train too
         return ResNetBackbone(ResNet(cfg.resnet_depths, cfg.resnet_width, cfg.return_layers, frozen,
                                      cfg.resnet_block, cfg.resnet_norm))
