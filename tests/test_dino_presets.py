@@ -13,7 +13,7 @@ from detlearn.models.dino import DINO, DINO_PRESETS, dino_official_to_detlearn
 REFERENCE = json.loads((Path(__file__).parent / 'data' / 'dino' / 'official_shapes.json').read_text())
 
 
-@pytest.mark.parametrize('preset', sorted(DINO_PRESETS))
+@pytest.mark.parametrize('preset', sorted(p for p in DINO_PRESETS if p in REFERENCE))  # dino_tiny: no official
 def test_preset_matches_official(preset):
     ref = REFERENCE[preset]
     with torch.device('meta'):

@@ -13,7 +13,7 @@ from torch import Tensor
 from ..utils import DetlearnError
 
 # %% auto #0
-__all__ = ['FrozenBatchNorm2d', 'conv_norm', 'Bottleneck', 'ResNet', 'downsample_mask', 'ResNetBackbone']
+__all__ = ['FrozenBatchNorm2d', 'conv_norm', 'Bottleneck', 'BasicBlock', 'ResNet', 'downsample_mask', 'ResNetBackbone']
 
 # %% ../../nbs/30_backbones_resnet.ipynb #754727bc
 class FrozenBatchNorm2d(nn.Module):
@@ -39,23 +39,29 @@ class FrozenBatchNorm2d(nn.Module):
         return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
 
 # %% ../../nbs/30_backbones_resnet.ipynb #b237832e
-def conv_norm(c_in: int, c_out: int, kernel: int, stride: int = 1) -> list[nn.Module]:
-    """A bias-free convolution ('same' padding) and its frozen batch norm."""
-    return [nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2, bias=False), FrozenBatchNorm2d(c_out)]
+def conv_norm(c_in: int, c_out: int, kernel: int, stride: int = 1,
+              norm: str = 'frozen',  # 'frozen' (pretrained statistics) or 'bn' (trainable, from scratch)
+             ) -> list[nn.Module]:
+    """A bias-free convolution ('same' padding) and its batch norm, frozen or trainable."""
+    if norm not in ('frozen', 'bn'):
+        raise DetlearnError(f"ResNet: norm must be 'frozen' or 'bn', got {norm!r}")
+    bn = FrozenBatchNorm2d(c_out) if norm == 'frozen' else nn.BatchNorm2d(c_out)
+    return [nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2, bias=False), bn]
 
 
 class Bottleneck(nn.Module):
     """ResNet v1.5 bottleneck: 1×1 → 3×3 (stride) → 1×1 (×4 channels), residual, ReLU."""
     expansion = 4
 
-    def __init__(self, c_in: int, planes: int, stride: int = 1):
+    def __init__(self, c_in: int, planes: int, stride: int = 1, norm: str = 'frozen'):
         super().__init__()
-        self.conv1, self.bn1 = conv_norm(c_in, planes, 1)
-        self.conv2, self.bn2 = conv_norm(planes, planes, 3, stride)
-        self.conv3, self.bn3 = conv_norm(planes, planes * self.expansion, 1)
+        self.conv1, self.bn1 = conv_norm(c_in, planes, 1, norm=norm)
+        self.conv2, self.bn2 = conv_norm(planes, planes, 3, stride, norm)
+        self.conv3, self.bn3 = conv_norm(planes, planes * self.expansion, 1, norm=norm)
         self.relu = nn.ReLU(inplace=True)
         needs_projection = stride != 1 or c_in != planes * self.expansion
-        self.downsample = nn.Sequential(*conv_norm(c_in, planes * 4, 1, stride)) if needs_projection else None
+        self.downsample = (nn.Sequential(*conv_norm(c_in, planes * 4, 1, stride, norm)) if needs_projection
+                           else None)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, 4·planes, H/s, W/s)
         """Three conv-norms with the shortcut added before the last ReLU."""
@@ -64,29 +70,53 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn2(self.conv2(out)))
         return self.relu(self.bn3(self.conv3(out)) + identity)
 
+
+class BasicBlock(nn.Module):
+    """ResNet-18/34 block: two 3×3 conv-norms (the first strided), residual, ReLU."""
+    expansion = 1
+
+    def __init__(self, c_in: int, planes: int, stride: int = 1, norm: str = 'frozen'):
+        super().__init__()
+        self.conv1, self.bn1 = conv_norm(c_in, planes, 3, stride, norm)
+        self.conv2, self.bn2 = conv_norm(planes, planes, 3, norm=norm)
+        self.relu = nn.ReLU(inplace=True)
+        needs_projection = stride != 1 or c_in != planes
+        self.downsample = nn.Sequential(*conv_norm(c_in, planes, 1, stride, norm)) if needs_projection else None
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, planes, H/s, W/s)
+        """Two conv-norms with the shortcut added before the last ReLU."""
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
 # %% ../../nbs/30_backbones_resnet.ipynb #7fa3e796
 class ResNet(nn.Module):
     """ResNet with frozen BN (ResNet-50 by default) returning the feature maps of the chosen stages."""
     def __init__(self, depths: tuple[int, ...] = (3, 4, 6, 3),  # blocks per stage: (3, 4, 6, 3) is ResNet-50
                  width: int = 64,                                # stem/first stage width (torchvision: 64)
                  return_layers: tuple[int, ...] = (2, 3, 4),     # DINO 4scale: layer2-4; 5scale: layer1-4
-                 freeze_stem_layer1: bool = True):               # as official: only layer2-4 train
+                 freeze_stem_layer1: bool = True,                # as official: only layer2-4 train
+                 block: str = 'bottleneck',                      # or 'basic' (ResNet-18/34)
+                 norm: str = 'frozen'):                          # or 'bn': trainable, from scratch
         super().__init__()
         if not return_layers or any(i not in (1, 2, 3, 4) for i in return_layers):
             raise DetlearnError("ResNet: return_layers must be a non-empty subset of (1, 2, 3, 4), "
                                 f"got {return_layers}")
+        if block not in ('bottleneck', 'basic'):
+            raise DetlearnError(f"ResNet: block must be 'bottleneck' or 'basic', got {block!r}")
+        Block = Bottleneck if block == 'bottleneck' else BasicBlock
         self.return_layers = tuple(return_layers)
-        self.conv1, self.bn1 = conv_norm(3, width, 7, 2)
+        self.conv1, self.bn1 = conv_norm(3, width, 7, 2, norm)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         c_in = width
         for i, depth in enumerate(depths):
             planes = width * 2 ** i
-            blocks = [Bottleneck(c_in if j == 0 else planes * 4, planes, 2 if (i > 0 and j == 0) else 1)
-                      for j in range(depth)]
+            blocks = [Block(c_in if j == 0 else planes * Block.expansion, planes,
+                            2 if (i > 0 and j == 0) else 1, norm) for j in range(depth)]
             setattr(self, f'layer{i + 1}', nn.Sequential(*blocks))
-            c_in = planes * 4
-        self.num_channels = [width * 4 * 2 ** (i - 1) for i in self.return_layers]  # e.g. [512, 1024, 2048]
+            c_in = planes * Block.expansion
+        self.num_channels = [width * Block.expansion * 2 ** (i - 1) for i in self.return_layers]  # [512, 1024, 2048]
         self.strides = [2 ** (i + 1) for i in self.return_layers]                 # e.g. [8, 16, 32]
         if freeze_stem_layer1:
             for name, p in self.named_parameters():

@@ -26,9 +26,9 @@ from ..utils import DetlearnError
 
 # %% auto #0
 __all__ = ['DINO_PRESETS', 'DINO_ALIAS_PREFIXES', 'DINO_CLASS_SPECIFIC', 'DINOConfig', 'dino_4scale_r50', 'dino_5scale_r50',
-           'dino_4scale_swinl', 'build_backbone', 'input_projections', 'DINO', 'aux_outputs', 'split_denoising_outputs',
-           'dino_postprocess', 'embed_denoising_groups', 'read_official_dino', 'dino_official_to_detlearn',
-           'dino_num_classes', 'dino_label_space']
+           'dino_4scale_swinl', 'dino_tiny', 'build_backbone', 'input_projections', 'DINO', 'aux_outputs',
+           'split_denoising_outputs', 'dino_postprocess', 'embed_denoising_groups', 'read_official_dino',
+           'dino_official_to_detlearn', 'dino_num_classes', 'dino_label_space']
 
 # %% ../../nbs/35b_models_dino.ipynb #017ae850
 @dataclass
@@ -41,6 +41,8 @@ class DINOConfig:
     num_feature_levels: int = 4            # backbone stages + extra stride-2 levels on the last map
     resnet_depths: tuple[int, ...] = (3, 4, 6, 3)  # ResNet-50
     resnet_width: int = 64                 # ResNet stem width (reduced only in tests)
+    resnet_block: str = 'bottleneck'       # 'bottleneck' (ResNet-50) or 'basic' (ResNet-18, dino_tiny)
+    resnet_norm: str = 'frozen'            # 'frozen' BN (pretrained statistics) or 'bn' (trainable, from scratch)
     hidden_dim: int = 256
     nheads: int = 8
     enc_layers: int = 6
@@ -72,14 +74,24 @@ def dino_4scale_swinl(num_classes: int = 91) -> DINOConfig:
     return DINOConfig(num_classes=num_classes, backbone='swin_L_384_22k')
 
 
+def dino_tiny(num_classes: int = 91) -> DINOConfig:
+    """A CPU-sized DINO trained from scratch: ResNet-18 (trainable BN), width 128, 2+3 layers, 100 queries."""
+    return DINOConfig(num_classes=num_classes, test_size=(256, 256), backbone='resnet18',
+                      resnet_depths=(2, 2, 2, 2), resnet_block='basic', resnet_norm='bn', hidden_dim=128,
+                      enc_layers=2, dec_layers=3,
+                      dim_feedforward=512, num_queries=100, num_select=100, dn_number=20)
+
+
 DINO_PRESETS = {'dino_4scale_r50': dino_4scale_r50, 'dino_5scale_r50': dino_5scale_r50,
-                'dino_4scale_swinl': dino_4scale_swinl}
+                'dino_4scale_swinl': dino_4scale_swinl, 'dino_tiny': dino_tiny}
 
 # %% ../../nbs/35b_models_dino.ipynb #0a4eff8a
 def build_backbone(cfg: DINOConfig) -> nn.Module:
     """The backbone named by the config, returning [(feature, mask)] for its chosen stages."""
-    if cfg.backbone == 'resnet50':
-        return ResNetBackbone(ResNet(cfg.resnet_depths, cfg.resnet_width, cfg.return_layers))
+    if cfg.backbone in ('resnet50', 'resnet18'):  # depths/block/norm: ResNet-50 or -18
+        frozen = cfg.resnet_norm == 'frozen'  # from scratch, the stem and layer1 train too
+        return ResNetBackbone(ResNet(cfg.resnet_depths, cfg.resnet_width, cfg.return_layers, frozen,
+                                     cfg.resnet_block, cfg.resnet_norm))
     if cfg.backbone.startswith('swin'):
         from detlearn.backbones.swin import swin_backbone  # Swin-L: a large optional backbone
         return swin_backbone(cfg.backbone, cfg.return_layers)

@@ -5,10 +5,13 @@
 # %% ../../nbs/35c_models_dino_family.ipynb #d204fba4
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..data.transforms import (IMAGENET_MEAN, IMAGENET_STD, Compose, Resize, ToTensor,
+from ..data.transforms import (IMAGENET_MEAN, IMAGENET_STD, Compose, RandomHorizontalFlip, RandomResize,
+                                      Resize, ToTensor,
                                       detr_transforms)
 from .dino import (DINO, DINO_CLASS_SPECIFIC, DINO_PRESETS, DINOConfig, dino_label_space,
                                   dino_num_classes, dino_official_to_detlearn, read_official_dino)
@@ -17,7 +20,8 @@ from ..train_utils import LoopConfig, OptimConfig, ScheduleConfig, TrainConfig
 from ..utils import DetlearnError
 
 # %% auto #0
-__all__ = ['DINO_RECIPES', 'DINO_OFFICIAL', 'DINO_FAMILY', 'dino_coco_recipe', 'dino_train_dataset', 'dino_eval_transforms']
+__all__ = ['DINO_RECIPES', 'DINO_OFFICIAL', 'DINO_FAMILY', 'dino_coco_recipe', 'DETRAugment', 'dino_tiny_shapes_recipe',
+           'dino_train_dataset', 'dino_eval_transforms']
 
 # %% ../../nbs/35c_models_dino_family.ipynb #f0880963
 _DINO_COCO_AP = {('dino_4scale_r50', 12): 49.0, ('dino_4scale_r50', 24): 50.4, ('dino_4scale_r50', 36): 50.9,
@@ -39,15 +43,35 @@ def dino_coco_recipe(preset: str = 'dino_4scale_r50', epochs: int = 12) -> Recip
                   official_ap=_DINO_COCO_AP.get((preset, epochs)), test_size=800)
 
 
+@dataclass(frozen=True)
+class DETRAugment:
+    """Small-image DETR augmentation: horizontal flip, shorter side = img_size + a random offset (no crop)."""
+    offsets: tuple[int, ...] = (-32, -16, 0, 16, 32)  # 224-288 px at img_size 256
+
+
+def dino_tiny_shapes_recipe(epochs: int = 15) -> Recipe:
+    """`dino_tiny` from scratch on the shapes sample (CPU): AdamW 5e-4, warm-up, cosine, batch 8, 256 px."""
+    optim = OptimConfig(name='adamw', lr=5e-4, lr_per_image=False, weight_decay=1e-4,
+                        backbone_lr_mult=1.0, clip_grad_norm=0.1)
+    schedule = ScheduleConfig(name='cosine', warmup_epochs=1, min_lr_ratio=0.05, final_flat_epochs=0)
+    loop = LoopConfig(epochs=epochs, batch_size=8, ema=False, eval_every=1, no_aug_epochs=0)
+    return Recipe('dino_tiny', 256, TrainConfig(optim=optim, schedule=schedule, loop=loop),
+                  augment=DETRAugment(), test_size=256)
+
+
 DINO_RECIPES = {f'{p}_{e}e_coco': (lambda p=p, e=e: dino_coco_recipe(p, e)) for p, e in _DINO_COCO_AP
                 if (p, e) in {('dino_4scale_r50', 12), ('dino_4scale_r50', 24), ('dino_4scale_r50', 36),
                               ('dino_5scale_r50', 12), ('dino_4scale_swinl', 12), ('dino_4scale_swinl', 36)}}
+DINO_RECIPES['dino_tiny_shapes'] = dino_tiny_shapes_recipe
 
 # %% ../../nbs/35c_models_dino_family.ipynb #24a4885d
 class _TransformedDataset(Dataset):
     """A raw (image, target) dataset with a sample transform applied on access."""
     def __init__(self, raw: Dataset, transform):
         self.raw, self.transform = raw, transform
+        for name in ('class_names', 'cat_ids', 'coco', 'ids'):  # what the Trainer and checkpoints read
+            if hasattr(raw, name):
+                setattr(self, name, getattr(raw, name))
 
     def __len__(self) -> int:
         return len(self.raw)
@@ -59,7 +83,13 @@ class _TransformedDataset(Dataset):
 
 def dino_train_dataset(raw: Dataset, recipe: Recipe) -> Dataset:
     """DETR's training augmentation (flip, multi-scale resize 480-800, random crop), ImageNet-normalised."""
-    return _TransformedDataset(raw, detr_transforms(True))
+    aug = recipe.augment
+    if aug is None:
+        return _TransformedDataset(raw, detr_transforms(True))
+    normalize = ToTensor(mean=IMAGENET_MEAN, std=IMAGENET_STD, divide=True)
+    scales = [max(32, recipe.img_size + o) for o in aug.offsets]
+    small = Compose([RandomHorizontalFlip(), RandomResize(scales, max_size=max(scales)), normalize])
+    return _TransformedDataset(raw, small)
 
 
 def dino_eval_transforms(cfg: DINOConfig,
