@@ -210,7 +210,8 @@ def dino_postprocess(outputs: dict, sizes: Tensor,  # (B, 2) (h, w) of the origi
     boxes_xyxy = box_cxcywh_to_xyxy(boxes_cxcywh).gather(1, query[..., None].expand(-1, -1, 4))
     h, w = sizes.unbind(1)
     boxes_xyxy = boxes_xyxy * torch.stack([w, h, w, h], 1)[:, None]
-    return [{'boxes': b, 'scores': s, 'labels': l} for b, s, l in zip(boxes_xyxy, scores, labels)]
+    return [{'boxes': b, 'scores': s, 'labels': l, 'index': q}  # index: the query of each detection
+            for b, s, l, q in zip(boxes_xyxy, scores, labels, query)]
 
 # %% ../../nbs/35b_models_dino.ipynb #82448dc3
 def embed_denoising_groups(label_enc: nn.Embedding, groups: DenoisingGroups,

@@ -7,21 +7,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..assign.hungarian import detr_targets
 from ..data.transforms import (IMAGENET_MEAN, IMAGENET_STD, Compose, RandomHorizontalFlip, RandomResize,
                                       Resize, ToTensor,
                                       detr_transforms)
 from .dino import (DINO, DINO_CLASS_SPECIFIC, DINO_PRESETS, DINOConfig, dino_label_space,
                                   dino_num_classes, dino_official_to_detlearn, read_official_dino)
-from .family import Family, OfficialFormat, Recipe
+from .detr_loss import DetrLossConfig, SetCriterion
+from .family import Family, Internals, OfficialFormat, Recipe, gt_of_detections
 from ..train_utils import LoopConfig, OptimConfig, ScheduleConfig, TrainConfig
 from ..utils import DetlearnError
 
 # %% auto #0
 __all__ = ['DINO_RECIPES', 'DINO_OFFICIAL', 'DINO_FAMILY', 'dino_coco_recipe', 'DETRAugment', 'dino_tiny_shapes_recipe',
-           'dino_train_dataset', 'dino_eval_transforms']
+           'dino_train_dataset', 'dino_eval_transforms', 'dino_internals']
 
 # %% ../../nbs/35c_models_dino_family.ipynb #f0880963
 _DINO_COCO_AP = {('dino_4scale_r50', 12): 49.0, ('dino_4scale_r50', 24): 50.4, ('dino_4scale_r50', 36): 50.9,
@@ -103,6 +106,19 @@ def dino_eval_transforms(cfg: DINOConfig,
     normalize = ToTensor(mean=IMAGENET_MEAN, std=IMAGENET_STD, divide=True)
     return Compose([Resize(size[0], max_size=size[1]), normalize])
 
+# %% ../../nbs/35c_models_dino_family.ipynb #d1n01nt2
+@torch.no_grad()
+def dino_internals(model: DINO, outputs: dict,  # eval outputs (pred_logits, pred_boxes)
+                   targets: list[dict],  # per image: boxes (G, 4) xyxy input pixels, labels, size
+                   detections: list[dict],  # model.postprocess: per image index (M,) queries
+                   ) -> list[Internals]:
+    """Per detection: the ground-truth row its query is matched to by the training criterion's matcher."""
+    matcher = SetCriterion(DetrLossConfig(num_classes=model.cfg.num_classes)).matcher
+    pairs = matcher(outputs['pred_logits'], outputs['pred_boxes'], detr_targets(targets))  # per image (q, g)
+    num_queries = outputs['pred_logits'].shape[1]
+    return [Internals(matched_gt={'hungarian': gt_of_detections(det['index'], q, g, num_queries)})
+            for det, (q, g) in zip(detections, pairs)]
+
 # %% ../../nbs/35c_models_dino_family.ipynb #49c68b99
 DINO_OFFICIAL = OfficialFormat(read=read_official_dino, to_detlearn=dino_official_to_detlearn,
                                class_specific=DINO_CLASS_SPECIFIC, num_classes=dino_num_classes,
@@ -111,4 +127,4 @@ DINO_OFFICIAL = OfficialFormat(read=read_official_dino, to_detlearn=dino_officia
 DINO_FAMILY = Family(name='dino', model_class=DINO, presets=DINO_PRESETS, recipes=DINO_RECIPES,
                      default_recipe=dino_coco_recipe, train_dataset=dino_train_dataset,
                      eval_transforms=dino_eval_transforms, official=DINO_OFFICIAL, flops_probe=None,
-                     onnx_contract='detr')
+                     onnx_contract='detr', internals=dino_internals)
