@@ -11,7 +11,6 @@ __all__ = ['import_official_yolox', 'build_official_yolox', 'randomise_batchnorm
 import copy
 import datetime
 import importlib
-import os
 import platform
 import statistics
 import sys
@@ -26,7 +25,7 @@ from torch import Tensor
 
 from .models import create
 from .models.yolox import YOLOX, YOLOXConfig
-from .utils import DetlearnError
+from .utils import DetlearnError, usable_cpus
 
 # %% ../nbs/53b_bench_speed.ipynb #c442355f
 def import_official_yolox(official_dir: str | Path,  # a checkout of Megvii-BaseDetection/YOLOX
@@ -138,7 +137,7 @@ def machine_info() -> dict:
         names = [line.split(':', 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                  if line.startswith('model name')]
         cpu = names[0] if names else cpu
-    return dict(cpu=cpu, cores=len(os.sched_getaffinity(0)), torch=torch.__version__,
+    return dict(cpu=cpu, cores=usable_cpus(), torch=torch.__version__,
                 date=datetime.date.today().isoformat())
 
 # %% ../nbs/53b_bench_speed.ipynb #1ee25b28

@@ -24,7 +24,7 @@ from .models import find_family
 from .train_utils import (ModelEMA, TrainConfig, amp_policy, build_optimizer, build_scheduler,
                                   checkpoint_weights, config_to_dict, load_checkpoint, rng_state,
                                   save_checkpoint, seed_everything, set_rng_state)
-from .utils import DetlearnError
+from .utils import DetlearnError, usable_cpus
 
 # %% ../nbs/50c_train.ipynb #4de6c566
 class TrainingDiverged(DetlearnError):
@@ -339,8 +339,10 @@ class Trainer:
             raise DetlearnError(f"the training set gives each process {len(sampler)} images, fewer than "
                                 f"the batch size {loop.batch_size}: lower --batch-size")
         batch = loop.batch_size if train else (loop.eval_batch_size or loop.batch_size)
+        # no more workers than this process may use (2 on a Colab/CI machine): the samples do not change
+        # with the count (SeededSamples), and torch warns about, and slows down with, more
         return DataLoader(dataset, batch, sampler=sampler, collate_fn=self.collate_fn,
-                          num_workers=loop.num_workers, drop_last=train,
+                          num_workers=min(loop.num_workers, usable_cpus()), drop_last=train,
                           pin_memory=self.info.device.type == 'cuda')
 
     def _start_epoch(self, epoch: int):

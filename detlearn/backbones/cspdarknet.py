@@ -9,6 +9,7 @@ __all__ = ['BN_EPS', 'BN_MOMENTUM', 'get_activation', 'BaseConv', 'DWConv', 'spa
 # %% ../../nbs/20_backbones_cspdarknet.ipynb #d229e5a0
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 # %% ../../nbs/20_backbones_cspdarknet.ipynb #5d247222
@@ -111,11 +112,22 @@ class SPPBottleneck(nn.Module):
         self.conv1 = BaseConv(in_channels, hidden, 1, 1, act=act)
         self.m = nn.ModuleList([nn.MaxPool2d(k, stride=1, padding=k // 2) for k in kernel_sizes])
         self.conv2 = BaseConv(hidden * (len(kernel_sizes) + 1), out_channels, 1, 1, act=act)
+        # pooling i×i then j×j is pooling (i + j − 1)×(i + j − 1): 9 = 5 then 5, 13 = 9 then 5
+        ks = list(kernel_sizes)
+        cascade = ks == sorted(set(ks)) and all(k % 2 == 1 for k in ks)
+        self.pool_steps = [b - a + 1 for a, b in zip([1] + ks, ks)] if cascade else None
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv1(x)
+        if self.pool_steps is None:
+            pooled = [pool(x) for pool in self.m]
+        else:  # each pool starts from the previous one: the same values for a third of the work at (5, 9, 13)
+            pooled, y = [], x
+            for k in self.pool_steps:
+                y = F.max_pool2d(y, k, stride=1, padding=k // 2)
+                pooled.append(y)
         # (B, 4·C/2, H, W) -> (B, C_out, H, W)
-        return self.conv2(torch.cat([x] + [pool(x) for pool in self.m], dim=1))
+        return self.conv2(torch.cat([x] + pooled, dim=1))
 
 # %% ../../nbs/20_backbones_cspdarknet.ipynb #67a2da42
 class CSPDarknet(nn.Module):

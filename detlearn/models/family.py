@@ -67,16 +67,29 @@ def empty_target(image,  # (H, W, 3) uint8 array
 
 # %% ../../nbs/23b_models_family.ipynb #1d2dccbd
 def replace_config_fields(cfg: Any,  # a config dataclass instance
-                          fields: dict | None,  # field name -> new value
+                          fields: dict | None,  # field name (or 'sub.field' for a nested config) -> new value
                          ) -> Any:
     """A copy of `cfg` with some fields replaced; unknown field names are a DetlearnError listing the valid ones."""
     if not fields:
         return cfg
+    nested: dict[str, dict] = {}
+    flat = {}
+    for key, value in fields.items():
+        head, dot, rest = key.partition('.')
+        if dot:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            flat[key] = tuple(value) if isinstance(value, list) else value
     valid = {f.name for f in dataclasses.fields(cfg)}
-    unknown = sorted(set(fields) - valid)
+    unknown = sorted(set(flat) - valid) + sorted(set(nested) - valid)
     if unknown:
         raise DetlearnError(f"unknown {type(cfg).__name__} field(s) {unknown}; valid fields: {sorted(valid)}")
-    return dataclasses.replace(cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    for head, sub in nested.items():
+        inner = flat.get(head, getattr(cfg, head))
+        if not dataclasses.is_dataclass(inner):
+            raise DetlearnError(f"{type(cfg).__name__}.{head} is not a config: '{head}.<field>' cannot be set")
+        flat[head] = replace_config_fields(inner, sub)
+    return dataclasses.replace(cfg, **flat)
 
 # %% ../../nbs/23b_models_family.ipynb #c4469f52
 def official_state_dict(ckpt,  # what torch.load returned

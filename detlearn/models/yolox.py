@@ -225,14 +225,20 @@ class YOLOX(nn.Module):
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)  # same values, NHWC strides
         maps = self.head(self.backbone(images))  # L × (B, 5+K, H_l, W_l)
-        flat = torch.cat([m.flatten(2) for m in maps], dim=2)  # (B, 5+K, N)
-        raw = flat.permute(0, 2, 1)  # (B, N, 5+K) view
+        if all(m.is_contiguous(memory_format=torch.channels_last) for m in maps):  # NHWC, e.g. after fuse()
+            # an NHWC map is already (B, H·W, 5+K) in memory: one plain concatenation, no transposing copy
+            raw = torch.cat([m.permute(0, 2, 3, 1).flatten(1, 2) for m in maps], dim=1)  # (B, N, 5+K)
+        else:
+            raw = torch.cat([m.flatten(2) for m in maps], dim=2).permute(0, 2, 1)  # (B, N, 5+K) view
         grids, strides = self.grids_and_strides([tuple(m.shape[-2:]) for m in maps], raw.device)
         boxes = decode_boxes(raw[..., :4].float(), grids, strides)  # (B, N, 4) cxcywh, input pixels, float32
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.training):
-            probs = flat[:, 4:].float().sigmoid()  # (B, 1+K, N): sigmoid on contiguous memory, ~2x cheaper
-            # built as (B, 5+K, N), returned as a (B, N, 5+K) view: no transposing copy of the big class block
-            decoded = torch.cat([boxes.transpose(1, 2), probs], dim=1).transpose(1, 2)  # (B, N, 5+K) float32
+            if raw.is_contiguous():
+                decoded = torch.cat([boxes, raw[..., 4:].float().sigmoid()], dim=-1)  # (B, N, 5+K) float32
+            else:  # the sigmoid on the contiguous (B, 1+K, N) block is ~2x cheaper than on its transpose:
+                # built as (B, 5+K, N), returned as a (B, N, 5+K) view (no transposing copy of the class block)
+                probs = raw.transpose(1, 2)[:, 4:].float().sigmoid()
+                decoded = torch.cat([boxes.transpose(1, 2), probs], dim=1).transpose(1, 2)
         return dict(boxes=boxes, obj_logits=raw[..., 4], cls_logits=raw[..., 5:], reg_raw=raw[..., :4],
                     grids=grids, strides=strides, decoded=decoded, input_size=tuple(images.shape[-2:]))
 
