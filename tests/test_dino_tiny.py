@@ -94,3 +94,30 @@ def test_eval_and_predict(run):
     results = json.loads((d / 'pred' / 'predictions.json').read_text())
     assert results and {r['category_id'] for r in results} <= {1, 3, 5, 7}
     assert {r['image_id'] for r in results} == {1}
+
+
+def test_pipeline_and_onnx_export_of_the_trained_checkpoint(run):
+    """The trained dino_tiny checkpoint in the pipeline (original pixels, the dataset's category ids) and as an ONNX
+    file in the DETR contract whose onnxruntime scores equal the PyTorch model's."""
+    pytest.importorskip('onnxruntime')
+    import numpy as np
+    from PIL import Image
+    from detlearn import pipeline
+    from detlearn.export import run_onnx
+    d, _ = run
+    image = SHAPES / 'val' / '000001.jpg'
+    detector = pipeline('image-object-detection', model=d / 'run' / 'last.pth', device='cpu', score_threshold=0.0)
+    out = detector(str(image))
+    w, h = Image.open(image).size
+    assert len(out['scores']) > 0 and set(out['labels']) <= {'circle', 'square', 'triangle', 'star'}
+    boxes = np.asarray(out['boxes'])
+    assert (boxes[:, [0, 2]] >= -1).all() and (boxes[:, [0, 2]] <= w + 1).all() and (boxes[:, 3] <= h + 1).all()
+    detlearn('export', '--checkpoint', 'run/last.pth', '--out', 'dino_tiny.onnx', '--top-k', 20, cwd=d)
+    model = detector.model
+    x = torch.rand(1, 3, 128, 128)
+    sizes = torch.tensor([[256, 256]])  # (w, h)
+    labels, got_boxes, scores = run_onnx(d / 'dino_tiny.onnx', {'images': x.numpy(), 'orig_target_sizes': sizes.numpy()})
+    with torch.no_grad():
+        ref = model.postprocess(model(x), sizes.flip(1))[0]
+    np.testing.assert_allclose(scores[0], ref['scores'][:20].numpy(), rtol=1e-3, atol=1e-4)
+    assert labels.shape == (1, 20) and got_boxes.shape == (1, 20, 4)
