@@ -64,7 +64,7 @@ def write_outputs(trainer, val_raw, out_dir: Path, n_pictures: int = 8, threshol
     return results_json, pictures
 
 # %% ../nbs/54_demo.ipynb #a9563f12
-def run_demo(out_dir: str | Path = 'detlearn_demo', epochs: int = 43, img_size: int = 160,
+def run_demo(out_dir: str | Path = 'detlearn_demo', epochs: int = 58, img_size: int = 160,
              model: str = 'yolox_nano', batch_size: int = 8, device: str | None = None,
              num_workers: int = 2, progress: bool = True, overrides: list | dict | None = None) -> DemoResult:
     """Train a YOLOX from scratch on the shapes sample, evaluate it, write pictures and COCO results."""

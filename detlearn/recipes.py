@@ -42,7 +42,7 @@ def default_recipe(preset: str) -> Recipe:
 # %% ../nbs/50d_recipes.ipynb #0fdb77f0
 DEMO_MODEL = {'depthwise': False, 'width': 0.25}  # nano's width but plain convs (2.2 M): faster than depthwise on CPU
 
-def shapes_demo_recipe(epochs: int = 43, img_size: int = 160, model: str = 'yolox_nano',
+def shapes_demo_recipe(epochs: int = 58, img_size: int = 160, model: str = 'yolox_nano',
                        model_overrides: dict | None = None, lr: float = 0.008,
                        mosaic_prob: float = 0.5,
                        test_size: int | None = None,  # None: one stride-32 step above img_size (160 -> 192)
