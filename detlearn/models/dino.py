@@ -40,7 +40,7 @@ class DINOConfig:
     return_layers: tuple[int, ...] = (2, 3, 4)  # backbone stages read: layer2-4 (4scale), layer1-4 (5scale)
     num_feature_levels: int = 4            # backbone stages + extra stride-2 levels on the last map
     resnet_depths: tuple[int, ...] = (3, 4, 6, 3)  # ResNet-50
-    resnet_width: int = 64                 # ResNet stem width (reduced only in tests)
+    resnet_width: int = 64                 # ResNet stem width (32 in dino_tiny, smaller in tests)
     resnet_block: str = 'bottleneck'       # 'bottleneck' (ResNet-50) or 'basic' (ResNet-18, dino_tiny)
     resnet_norm: str = 'frozen'            # 'frozen' BN (pretrained statistics) or 'bn' (trainable, from scratch)
     hidden_dim: int = 256
@@ -75,9 +75,10 @@ def dino_4scale_swinl(num_classes: int = 91) -> DINOConfig:
 
 
 def dino_tiny(num_classes: int = 91) -> DINOConfig:
-    """A CPU-sized DINO trained from scratch: ResNet-18 (trainable BN), width 128, 2+3 layers, 100 queries."""
-    return DINOConfig(num_classes=num_classes, test_size=(256, 256), backbone='resnet18',
-                      resnet_depths=(2, 2, 2, 2), resnet_block='basic', resnet_norm='bn', hidden_dim=128,
+    """A CPU-sized DINO trained from scratch: half-width ResNet-18 (trainable BN), width 128, 2+3 layers."""
+    return DINOConfig(num_classes=num_classes, test_size=(192, 192), backbone='resnet18',
+                      resnet_depths=(2, 2, 2, 2), resnet_width=32, resnet_block='basic', resnet_norm='bn',
+                      hidden_dim=128,
                       enc_layers=2, dec_layers=3,
                       dim_feedforward=512, num_queries=100, num_select=100, dn_number=20)
 

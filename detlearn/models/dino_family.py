@@ -49,17 +49,17 @@ def dino_coco_recipe(preset: str = 'dino_4scale_r50', epochs: int = 12) -> Recip
 @dataclass(frozen=True)
 class DETRAugment:
     """Small-image DETR augmentation: horizontal flip, shorter side = img_size + a random offset (no crop)."""
-    offsets: tuple[int, ...] = (-32, -16, 0, 16, 32)  # 224-288 px at img_size 256
+    offsets: tuple[int, ...] = (-32, -16, 0, 16, 32)  # 128-192 px at img_size 160
 
 
-def dino_tiny_shapes_recipe(epochs: int = 15) -> Recipe:
-    """`dino_tiny` from scratch on the shapes sample (CPU): AdamW 5e-4, warm-up, cosine, batch 8, 256 px."""
+def dino_tiny_shapes_recipe(epochs: int = 40) -> Recipe:
+    """`dino_tiny` from scratch on the shapes sample (CPU): AdamW 5e-4, warm-up, cosine, batch 4, 160 px."""
     optim = OptimConfig(name='adamw', lr=5e-4, lr_per_image=False, weight_decay=1e-4,
                         backbone_lr_mult=1.0, clip_grad_norm=0.1)
     schedule = ScheduleConfig(name='cosine', warmup_epochs=1, min_lr_ratio=0.05, final_flat_epochs=0)
-    loop = LoopConfig(epochs=epochs, batch_size=8, ema=False, eval_every=1, no_aug_epochs=0)
-    return Recipe('dino_tiny', 256, TrainConfig(optim=optim, schedule=schedule, loop=loop),
-                  augment=DETRAugment(), test_size=256)
+    loop = LoopConfig(epochs=epochs, batch_size=4, ema=False, eval_every=2, no_aug_epochs=0)
+    return Recipe('dino_tiny', 160, TrainConfig(optim=optim, schedule=schedule, loop=loop),
+                  augment=DETRAugment(), test_size=192)
 
 
 DINO_RECIPES = {f'{p}_{e}e_coco': (lambda p=p, e=e: dino_coco_recipe(p, e)) for p, e in _DINO_COCO_AP
