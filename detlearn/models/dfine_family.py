@@ -164,18 +164,20 @@ MILD_AUGMENT = DFINEAugment(photometric_p=0.5, zoom_out_p=0.3, zoom_out_range=(1
 SHAPES_AUGMENT = DFINEAugment(photometric_p=0.0, zoom_out_p=0.0, iou_crop_p=0.0)  # flip and resize only
 
 
-def dfine_shapes_recipe(epochs: int = 20, img_size: int = 256, lr: float = 5e-4,
+def dfine_shapes_recipe(epochs: int = 28, img_size: int = 320, lr: float = 1e-3,
                         num_queries: int = 100,  # decoder queries (not a weight: the model stays D-FINE-N)
+                        test_size: int = 384,  # evaluated larger than trained: the smallest shapes gain most
+                        batch_size: int = 4,
                        ) -> Recipe:
     """D-FINE-N from scratch on the shapes sample: 100 queries, flip only, cosine lr, no EMA (CPU minutes)."""
     optim = OptimConfig(name='adamw', lr=lr, lr_per_image=False, weight_decay=1e-4, clip_grad_norm=0.1)
     schedule = ScheduleConfig(name='cosine', warmup_epochs=1, warmup_power=1.0, min_lr_ratio=0.05,
                               final_flat_epochs=0)
-    loop = LoopConfig(epochs=epochs, batch_size=8, num_workers=2, ema=False, eval_every=2, no_aug_epochs=0,
-                      log_every=10)
+    loop = LoopConfig(epochs=epochs, batch_size=batch_size, num_workers=2, ema=False, eval_every=4,
+                      no_aug_epochs=0, log_every=10)
     train = TrainConfig(optim=optim, schedule=schedule, loop=loop)
     return Recipe('dfine_n', img_size, train, augment=SHAPES_AUGMENT,
-                  model_overrides={'decoder.num_queries': num_queries})
+                  model_overrides={'decoder.num_queries': num_queries}, test_size=test_size)
 
 # %% ../../nbs/43c_models_dfine_family.ipynb #77b2e0aa
 def dfine_finetune_recipe(size: str,  # 'n', 's', 'm', 'l' or 'x'
