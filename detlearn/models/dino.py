@@ -78,9 +78,8 @@ def dino_tiny(num_classes: int = 91) -> DINOConfig:
     """A CPU-sized DINO trained from scratch: half-width ResNet-18 (trainable BN), width 128, 2+3 layers."""
     return DINOConfig(num_classes=num_classes, test_size=(192, 192), backbone='resnet18',
                       resnet_depths=(2, 2, 2, 2), resnet_width=32, resnet_block='basic', resnet_norm='bn',
-                      hidden_dim=128,
-                      enc_layers=2, dec_layers=3,
-                      dim_feedforward=512, num_queries=100, num_select=100, dn_number=20)
+                      hidden_dim=128, enc_layers=2, dec_layers=3, dim_feedforward=512,
+                      num_queries=100, num_select=100, dn_number=20)
 
 
 DINO_PRESETS = {'dino_4scale_r50': dino_4scale_r50, 'dino_5scale_r50': dino_5scale_r50,

@@ -59,7 +59,7 @@ def dino_tiny_shapes_recipe(epochs: int = 40) -> Recipe:
     schedule = ScheduleConfig(name='cosine', warmup_epochs=1, min_lr_ratio=0.05, final_flat_epochs=0)
     loop = LoopConfig(epochs=epochs, batch_size=4, ema=False, eval_every=2, no_aug_epochs=0)
     return Recipe('dino_tiny', 160, TrainConfig(optim=optim, schedule=schedule, loop=loop),
-                  augment=DETRAugment(), test_size=192)
+                  augment=DETRAugment(), test_size=DINO_PRESETS['dino_tiny']().test_size[0])
 
 
 DINO_RECIPES = {f'{p}_{e}e_coco': (lambda p=p, e=e: dino_coco_recipe(p, e)) for p, e in _DINO_COCO_AP
