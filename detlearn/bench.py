@@ -177,6 +177,7 @@ def add_bench_parser(sub):
 BENCH_EXTENSIONS = {  # `detlearn bench NAME` defined in other chapters: (module, add-parser, run)
     'speed': ('detlearn.bench_speed', 'add_speed_parser', 'cmd_speed'),
     'models': ('detlearn.bench_models', 'add_models_parser', 'cmd_models'),
+    'deploy': ('detlearn.bench_speed', 'add_deploy_parser', 'cmd_deploy'),
 }
 
 

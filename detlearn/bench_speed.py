@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['import_official_yolox', 'build_official_yolox', 'randomise_batchnorm_', 'time_interleaved', 'median_times',
            'compare_forward_times', 'format_rows', 'machine_info', 'bench_yolox_vs_official', 'add_speed_parser',
-           'cmd_speed']
+           'cmd_speed', 'randomise_lab_', 'same_outputs', 'bench_deploy', 'add_deploy_parser', 'cmd_deploy']
 
 # %% ../nbs/53b_bench_speed.ipynb #e043adc7
 import copy
@@ -187,4 +187,66 @@ def add_speed_parser(sub):
 def cmd_speed(args) -> int:
     """Run `detlearn bench speed`."""
     bench_yolox_vs_official(args.official_dir, args.model, args.img_size, args.repeats, tuple(args.threads))
+    return 0
+
+# %% ../nbs/53b_bench_speed.ipynb #d3pb0002
+@torch.no_grad()
+def randomise_lab_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every HGNetv2 LAB (learnable affine block) a random scale in [0.5, 1.5] and bias in [-0.2, 0.2]."""
+    g = torch.Generator().manual_seed(seed)
+    for lab in [m for m in model.modules() if type(m).__name__ == 'LearnableAffineBlock']:
+        lab.scale.copy_(torch.rand(1, generator=g) + 0.5)
+        lab.bias.copy_(torch.rand(1, generator=g) * 0.4 - 0.2)
+    return model
+
+
+def same_outputs(a: dict, b: dict, tol: float = 1e-4) -> bool:
+    """Whether two eval outputs agree: DETR sorted scores, or YOLOX decoded outputs, to `tol` (relative to max)."""
+    if 'pred_logits' in a:
+        x, y = (o['pred_logits'].float().sigmoid().flatten(1).sort(-1).values for o in (a, b))
+    else:
+        x, y = a['decoded'].float(), b['decoded'].float()
+    return bool(torch.allclose(x, y, rtol=tol, atol=tol * float(y.abs().max())))
+
+
+def bench_deploy(preset: str = 'dfine_s', img_size: int = 640,
+                 repeats: int = 15,  # interleaved rounds per thread count (medians are reported)
+                 threads: tuple[int, ...] = (1, 2), seed: int = 0,
+                ) -> list[dict]:
+    """Forward time of a preset after its family's inference conversion over its eval-mode time, same weights."""
+    from detlearn.models import family_of
+    from detlearn.models.family import no_fusion
+    family = family_of(preset)
+    if family.fuse is no_fusion:
+        raise DetlearnError(f"{preset!r} ({family.name}) has no inference conversion to time; "
+                            "YOLOX (fuse) and D-FINE (deploy) have one")
+    torch.manual_seed(seed)
+    model = randomise_lab_(randomise_batchnorm_(create(preset), seed), seed).eval()
+    converted = family.fuse(copy.deepcopy(model))
+    images = torch.rand(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        if not same_outputs(converted(images), model(images)):
+            raise DetlearnError(f"{preset}: the converted model's outputs differ from eval mode's; not timing it")
+    info = machine_info()
+    print(f"{preset} at {img_size}×{img_size}, batch 1, forward; {info['cpu']} ({info['cores']} cores), "
+          f"torch {info['torch']}, {info['date']}; median of {repeats} interleaved rounds; ratio = / eval")
+    rows = []
+    for n in threads:
+        rows += compare_forward_times({'eval': model, 'deploy': converted}, images, repeats, (n,))
+        print(format_rows([r for r in rows if r['threads'] == n]), flush=True)
+    return rows
+
+
+def add_deploy_parser(sub):
+    """Add `deploy` (a family's inference conversion vs eval mode) to the `detlearn bench` sub-parsers."""
+    p = sub.add_parser('deploy', help="forward time after the family's inference conversion vs eval mode")
+    p.add_argument('--model', default='dfine_s', help='a YOLOX or D-FINE preset')
+    p.add_argument('--img-size', type=int, default=640)
+    p.add_argument('--repeats', type=int, default=15, help='interleaved rounds per thread count')
+    p.add_argument('--threads', type=int, nargs='+', default=[1, 2])
+
+
+def cmd_deploy(args) -> int:
+    """Run `detlearn bench deploy`."""
+    bench_deploy(args.model, args.img_size, args.repeats, tuple(args.threads))
     return 0

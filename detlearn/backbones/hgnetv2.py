@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['HGNETV2_SIZES', 'DFINE_VARIANTS', 'LearnableAffineBlock', 'ConvBNAct', 'LightConvBNAct', 'pad_right_bottom',
-           'StemBlock', 'HGBlock', 'HGStage', 'HGStageSpec', 'HGNetv2Config', 'hgnetv2_config', 'dfine_variant',
-           'dfine_hgnetv2_config', 'freeze_batch_norm', 'HGNetv2']
+           'max_pool_2x2', 'StemBlock', 'HGBlock', 'HGStage', 'HGStageSpec', 'HGNetv2Config', 'hgnetv2_config',
+           'dfine_variant', 'dfine_hgnetv2_config', 'freeze_batch_norm', 'HGNetv2']
 
 # %% ../../nbs/40_backbones_hgnetv2.ipynb #7195b547
 from dataclasses import dataclass, replace
@@ -40,9 +40,18 @@ class ConvBNAct(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels)
         self.act = nn.ReLU() if use_act else nn.Identity()
         self.lab = LearnableAffineBlock() if use_act and use_lab else nn.Identity()
+        self.folded = None  # deploy(): a callable equal to bn(conv(x)) in eval mode, used at inference
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H', W')
-        return self.lab(self.act(self.bn(self.conv(x))))
+        if self.folded is None or self.training:
+            return self.lab(self.act(self.bn(self.conv(x))))
+        y = self.folded(x)
+        if torch.is_grad_enabled():
+            return self.lab(self.act(y))
+        y = y.relu_() if isinstance(self.act, nn.ReLU) else y  # in place: no graph needs y, no new memory
+        if isinstance(self.lab, LearnableAffineBlock):
+            y = y.mul_(self.lab.scale).add_(self.lab.bias)
+        return y
 
 
 class LightConvBNAct(nn.Module):
@@ -62,6 +71,13 @@ def pad_right_bottom(x: Tensor,  # (B, C, H, W)
     return F.pad(x, (0, 1, 0, 1))
 
 
+def max_pool_2x2(x: Tensor,  # (B, C, H, W)
+                ) -> Tensor:  # (B, C, H-1, W-1)
+    """2×2 max-pool, stride 1, no padding: the same values as nn.MaxPool2d(2, 1), as two elementwise maxima."""
+    columns = torch.maximum(x[..., :, :-1], x[..., :, 1:])  # (B, C, H, W-1): max of each column pair
+    return torch.maximum(columns[..., :-1, :], columns[..., 1:, :])  # then of each row pair
+
+
 class StemBlock(nn.Module):
     """HGNetv2 stem (stride 4): 3×3 s2; 2×2 max-pool ‖ two 2×2 convs on right/bottom-padded maps; 3×3; 1×1."""
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int, use_lab: bool = False):
@@ -77,7 +93,7 @@ class StemBlock(nn.Module):
                ) -> Tensor:  # (B, C_out, ceil(H/4), ceil(W/4))
         x = pad_right_bottom(self.stem1(x))  # (B, C_mid, H/2 + 1, W/2 + 1)
         conv_branch = self.stem2b(pad_right_bottom(self.stem2a(x)))  # (B, C_mid, H/2, W/2)
-        pool_branch = self.pool(x)  # (B, C_mid, H/2, W/2)
+        pool_branch = self.pool(x) if self.training else max_pool_2x2(x)  # (B, C_mid, H/2, W/2), same values
         x = torch.cat([pool_branch, conv_branch], dim=1)  # (B, 2·C_mid, H/2, W/2): pool first, as officially
         return self.stem4(self.stem3(x))
 
