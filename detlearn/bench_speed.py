@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .backbones.hgnetv2 import LearnableAffineBlock
 from .models import create
 from .models.yolox import YOLOX, YOLOXConfig
 from .utils import DetlearnError, usable_cpus
@@ -194,7 +195,7 @@ def cmd_speed(args) -> int:
 def randomise_lab_(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every HGNetv2 LAB (learnable affine block) a random scale in [0.5, 1.5] and bias in [-0.2, 0.2]."""
     g = torch.Generator().manual_seed(seed)
-    for lab in [m for m in model.modules() if type(m).__name__ == 'LearnableAffineBlock']:
+    for lab in [m for m in model.modules() if isinstance(m, LearnableAffineBlock)]:
         lab.scale.copy_(torch.rand(1, generator=g) + 0.5)
         lab.bias.copy_(torch.rand(1, generator=g) * 0.4 - 0.2)
     return model

@@ -55,5 +55,6 @@ def main():
           f"detlearn deploy / detlearn eval {ms['detlearn deploy'] / ms['detlearn eval']:.3f}; "
           f"detlearn deploy / official deploy {ms['detlearn deploy'] / ms['official deploy']:.3f}")
 
+
 if __name__ == '__main__':
     main()
