@@ -99,9 +99,9 @@ def bbox_to_distance(ref_cxcywh: Tensor,  # (M, 4) reference boxes cx, cy, w, h 
                      reg_max: int,  # N
                      reg_scale: float | Tensor,  # c
                      up: float | Tensor,  # u
-                     eps: float = 0.1,  # keeps the bin position below N so that n+1 <= N
-                     ) -> tuple[Tensor, Tensor, Tensor]:  # (M, 4) each: bin position, weight right, left
-    """FGL targets: each edge of `boxes_xyxy` as a fractional bin position of W(n) relative to `ref_cxcywh`."""
+                     eps: float = 0.1,  # keeps the returned left bin below N so that n+1 <= N
+                     ) -> tuple[Tensor, Tensor, Tensor]:  # (M, 4) each: left bin n (float), weights n+1, n
+    """FGL targets per edge of `boxes_xyxy`: the left bin n of W(n) below its offset, weights of n+1 and n."""
     c = abs(float(reg_scale))
     cx, cy, w, h = ref_cxcywh.unbind(-1)
     unit_x, unit_y = w / c + 1e-16, h / c + 1e-16  # the official 1e-16 guards empty reference boxes
