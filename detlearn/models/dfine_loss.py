@@ -49,7 +49,7 @@ def matchability_aware_loss(logits: Tensor,   # (B, Q, K) class logits
 
 # %% ../../nbs/37_models_dfine_loss.ipynb #d758aff1
 def fine_grained_localization_loss(corners: Tensor,   # (E, N+1) logits of E edge distributions
-                                   position: Tensor,  # (E,) float bin position of the target edge (0..N-eps)
+                                   position: Tensor,  # (E,) float left bin n of the target edge (0..N-eps)
                                    weight_right: Tensor,  # (E,) interpolation weight of bin n+1
                                    weight_left: Tensor,   # (E,) interpolation weight of bin n
                                    quality: Tensor,   # (E,) IoU of the edge's box with its object
