@@ -91,7 +91,7 @@ def dfine_coco_recipe(size: str) -> Recipe:
 
 DFINE_RECIPES = {f'dfine_{s}_{epochs}e_coco': (lambda s=s: dfine_coco_recipe(s))
                  for s, (epochs, *_) in _DFINE_COCO.items()}
-# the issue's names without the epoch count: the same recipes under a second name
+# the project's short names, without the epoch count: the same recipes under a second name
 DFINE_RECIPES |= {f'dfine_{s}_coco': DFINE_RECIPES[f'dfine_{s}_{epochs}e_coco']
                   for s, (epochs, *_) in _DFINE_COCO.items()}
 
