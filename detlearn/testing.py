@@ -21,7 +21,8 @@ def scaled_deviation(actual: Tensor,    # what detlearn computed
     if a.shape != b.shape:
         raise ValueError(f'shapes differ: {tuple(a.shape)} vs reference {tuple(b.shape)}')
     finite = torch.isfinite(b)
-    if not torch.equal(finite, torch.isfinite(a)) or not torch.equal(a[~finite].nan_to_num(0.0), b[~finite].nan_to_num(0.0)):
+    same_specials = torch.equal(a[~finite].nan_to_num(0.0), b[~finite].nan_to_num(0.0))  # same inf, same sign
+    if not torch.equal(finite, torch.isfinite(a)) or not same_specials:
         return float('inf'), None  # inf/nan where the reference has none, or of another sign
     if not finite.any():
         return 0.0, None
