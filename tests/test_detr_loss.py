@@ -13,6 +13,7 @@ import torch
 from detlearn.assign.hungarian import HungarianMatcher
 from detlearn.models.denoising import DenoisingConfig, make_denoising_groups
 from detlearn.models.detr_loss import DetrLossConfig, SetCriterion, denoising_indices
+from detlearn.testing import TOLERANCES, assert_scaled_close
 
 FIXTURE = Path(__file__).parent / 'data' / 'detr' / 'dino_loss.pt'
 
@@ -47,7 +48,7 @@ def test_every_loss_term_equals_official(official):
     ref = official['losses']
     assert set(ours) == set(ref)
     for name, value in ref.items():
-        torch.testing.assert_close(ours[name], value.float(), rtol=1e-5, atol=1e-7, msg=name)
+        assert_scaled_close(ours[name], value.float(), TOLERANCES['loss'], f'detr {name}')
 
 
 def test_detlearn_denoising_pairs_equal_dino_layout(official):
@@ -99,4 +100,4 @@ def test_ddp_mean_of_rank_losses_equals_single_process(official, tmp_path):
     mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = torch.load(tmp_path / 'rank0.pt'), torch.load(tmp_path / 'rank1.pt')
     for name, value in official['losses'].items():
-        torch.testing.assert_close((r0[name] + r1[name]) / 2, value.float(), rtol=1e-5, atol=1e-7, msg=name)
+        assert_scaled_close((r0[name] + r1[name]) / 2, value.float(), TOLERANCES['loss'], f'detr ddp {name}')

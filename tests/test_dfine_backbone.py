@@ -17,6 +17,7 @@ import torch
 
 from detlearn.backbones.hgnetv2 import DFINE_VARIANTS, HGNetv2, dfine_hgnetv2_config, hgnetv2_config
 from detlearn.models.dfine_encoder import HybridEncoder, HybridEncoderConfig, hybrid_encoder_config
+from detlearn.testing import TOLERANCES, assert_scaled_close
 
 DATA = Path(__file__).parent / 'data/dfine'
 REFERENCE = json.loads(gzip.decompress((DATA / 'backbone_reference.json.gz').read_bytes()))
@@ -34,12 +35,11 @@ def strip(prefix: str, state: dict) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def assert_same(actual: list, expected: list) -> None:
-    """Same number of maps, same shapes, values within rtol 1e-4 (atol 1e-4 of the largest value)."""
+def assert_same(actual: list, expected: list, kind: str = 'fp32_deep_chain') -> None:
+    """Same number of maps, same shapes, values within TOLERANCES[kind] of each map's largest value."""
     assert len(actual) == len(expected)
-    for a, e in zip(actual, expected):
-        assert a.shape == e.shape
-        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * e.abs().max().item())
+    for level, (a, e) in enumerate(zip(actual, expected)):
+        assert_scaled_close(a, e, TOLERANCES[kind], f'dfine backbone/encoder map {level}')
 
 
 def image(key: str) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 
 from detlearn.assign.hungarian import HungarianMatcher
 from detlearn.models.dfine_loss import DFineCriterion, DFineLossConfig, union_of_matchings
+from detlearn.testing import TOLERANCES, assert_scaled_close
 
 FIXTURE = Path(__file__).parent / 'data' / 'detr' / 'dfine_loss.pt'
 
@@ -48,7 +49,7 @@ def test_every_loss_term_equals_official(official):
     ref = official['losses']
     assert set(ours) == set(ref)
     for name, value in ref.items():
-        torch.testing.assert_close(ours[name], value, rtol=1e-5, atol=1e-6, msg=name)
+        assert_scaled_close(ours[name], value, TOLERANCES['loss'], f'dfine {name}')
 
 
 def _cast(obj, dtype):

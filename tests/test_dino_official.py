@@ -14,9 +14,10 @@ import torch
 
 from detlearn.models.dino import DINO, DINOConfig, dino_num_classes, dino_official_to_detlearn, read_official_dino
 from detlearn.models.dino_transformer import run_transformer
+from detlearn.testing import TOLERANCES, assert_scaled_close
 
 DATA = Path(__file__).parent / 'data' / 'dino'
-RTOL, ATOL = 1e-4, 1e-5
+REL = TOLERANCES['fp32_network']  # scaled to each tensor: see the chapter 'Comparing numbers across machines'
 
 
 @pytest.fixture(scope='module')
@@ -34,7 +35,7 @@ def fixture():
 
 
 def close(ours, theirs, what):
-    torch.testing.assert_close(ours, theirs, rtol=RTOL, atol=ATOL, msg=lambda m: f'{what}: {m}')
+    assert_scaled_close(ours, theirs, REL, f'dino {what}')
 
 
 def test_checkpoint_maps_onto_the_model(fixture):

@@ -30,3 +30,17 @@ step "pytest: every notebook through nbdev's test engine, then tests/"
 # Two xdist workers on two cores: one math thread each, or torch's threads fight and everything crawls.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 .venv/bin/python -m pytest -q -n 2 --dist loadgroup tests "$@"
+
+step "the other CPU path: equivalence checks and precision-sensitive chapters again"
+# On an AVX-512 CPU, run them as an AVX2 CPU without bf16 would (the path the official fixtures were made on);
+# on an AVX2 CPU, force the CPU bf16 path on (emulated) so that the bf16 branch is checked too.
+if .venv/bin/python -c "import sys, torch; sys.exit(torch.backends.cpu.get_cpu_capability() != 'AVX512')"; then
+  other=(env ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2); echo "this CPU: AVX-512; second pass on the AVX2 path (bf16 off)"
+else
+  other=(env DETLEARN_CPU_BF16=1); echo "this CPU: AVX2; second pass with the CPU bf16 path forced on"
+fi
+"${other[@]}" .venv/bin/python -m pytest -q -n 2 --dist loadgroup tests/test_dino_official.py tests/test_dfine_official.py \
+  tests/test_swin_official.py tests/test_dfine_backbone.py tests/test_detr_loss.py tests/test_dfine_loss.py \
+  tests/test_yolox_model.py tests/test_export.py "tests/test_notebooks.py::test_notebook[00b_testing.ipynb]" \
+  "tests/test_notebooks.py::test_notebook[43c_models_dfine_family.ipynb]" \
+  "tests/test_notebooks.py::test_notebook[50_train_utils.ipynb]" "tests/test_notebooks.py::test_notebook[53_bench.ipynb]"
