@@ -4,13 +4,14 @@
 
 # %% auto #0
 __all__ = ['TrainingDiverged', 'to_device', 'to_float32', 'resize_batch', 'SeededSamples', 'RunLog', 'StepEngine',
-           'predict_dataset', 'evaluate_distributed', 'EpochMeter', 'Trainer']
+           'predict_dataset', 'evaluate_distributed', 'EpochMeter', 'check_input_sizes', 'Trainer']
 
 # %% ../nbs/50c_train.ipynb #e3d1e575
 import copy
 import csv
 import hashlib
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -280,6 +281,27 @@ class EpochMeter:
         return {k: v / max(self.n, 1) for k, v in self.sums.items()} | {
             'data_s_per_iter': self.t_data / iters, 'compute_s_per_iter': self.t_compute / iters}
 
+# %% ../nbs/50c_train.ipynb #tr41n002
+def check_input_sizes(model: nn.Module,  # a detector; DETRs have a min_input_size
+                      loop,  # the loop config; its multiscale floor is raised if needed
+                      sizes: dict,  # what -> side in pixels (None: not used), e.g. {'test size (--test-size)': 320}
+                     ) -> None:
+    """Refuse sizes the model cannot take, before any work; start a multi-scale range at the model's minimum."""
+    least = getattr(model, 'min_input_size', None)
+    if least is None:
+        return
+    why = (f"{type(model).__name__} needs inputs of at least {least} px per side (a smaller input gives its "
+           f"encoder fewer tokens than its decoder has queries)")
+    for what, size in sizes.items():
+        if size is not None and int(size) < least:
+            raise DetlearnError(f"the {what} {size} is too small: {why}; use {least} or more")
+    ms = tuple(loop.multiscale or ())
+    if ms and ms[0] < least:
+        if ms[1] < least:
+            raise DetlearnError(f"the multi-scale range {ms[0]}-{ms[1]} px is too small: {why}")
+        warnings.warn(f"multi-scale training draws sizes from {least} px, not {ms[0]}: {why}", stacklevel=2)
+        loop.multiscale = (least, ms[1])
+
 # %% ../nbs/50c_train.ipynb #c7f11d7e
 class Trainer:
     """Train any detector that keeps detlearn's protocol (forward/loss/postprocess)."""
@@ -293,6 +315,8 @@ class Trainer:
         self.train_dataset, self.val_dataset, self.progress = train_dataset, val_dataset, progress
         self.collate_fn = collate_fn or _default_collate()
         self.family = find_family(model)  # None for a model outside detlearn's families: no epoch switches
+        check_input_sizes(model, self.cfg.loop, {'training size (--img-size)': self.meta.get('train_img_size'),
+                                                 'test size (--test-size)': self.meta.get('img_size')})
         self.log = RunLog(self.work_dir, self.info.is_main, plot)
         if self.info.is_main:
             self.work_dir.mkdir(parents=True, exist_ok=True)
