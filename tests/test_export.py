@@ -25,6 +25,8 @@ from detlearn.export import (YOLOXOnnx, add_export_parser, cmd_export, compare_o
 from detlearn.models import create  # noqa: E402
 from detlearn.utils import DetlearnError  # noqa: E402
 
+pytestmark = pytest.mark.cpu_path  # run again on the other CPU path by tools/test.sh
+
 NAMES = ['circle', 'square', 'triangle', 'star']
 
 
