@@ -491,9 +491,11 @@ class Trainer:
                 'meta': self.meta, 'history': self.history, 'format': 'detlearn-1'}
 
     def _save_mid_epoch(self, iters: int, meter: EpochMeter):
-        """last.pth after `iters` iterations of the current epoch, with what resuming there needs."""
+        """last.pth after `iters` iterations of the current epoch, with what resuming there needs (every rank's)."""
+        ranks = all_gather_objects({'rng': rng_state(), 'meter': meter.state()})  # collective: every rank calls
         if self.info.is_main:
-            save_checkpoint(self.state_dict() | {'iter': iters, 'meter': meter.state()}, self.work_dir / 'last.pth')
+            save_checkpoint(self.state_dict() | {'iter': iters, 'meter': meter.state(), 'ranks': ranks},
+                            self.work_dir / 'last.pth')
 
     def load_state(self, path: str | Path):
         """Resume from a checkpoint written by `state_dict` (exactly: the next epoch reproduces the original run)."""
@@ -505,8 +507,14 @@ class Trainer:
         self.epoch, self.best, self.history = ck['epoch'], ck.get('best_metric'), list(ck.get('history', []))
         self.log.rows = list(self.history)
         set_rng_state(ck['rng'])
-        if ck.get('iter'):  # written mid-epoch: train_one_epoch continues from there
-            self.resume_from = {'iter': ck['iter'], 'meter': ck.get('meter'), 'rng': ck['rng']}
+        if ck.get('iter'):  # written mid-epoch: train_one_epoch continues from there, each rank with its own state
+            ranks = ck.get('ranks') or []
+            if len(ranks) != self.info.world_size:
+                warnings.warn(f"{path} was written mid-epoch by {len(ranks)} processes, resumed by "
+                              f"{self.info.world_size}: the rest of this epoch sees other batches than it would have "
+                              "(epoch-end checkpoints resume exactly at any world size)", stacklevel=2)
+            mine = ranks[self.info.rank] if len(ranks) == self.info.world_size else {'rng': ck['rng']}
+            self.resume_from = {'iter': ck['iter'], 'meter': mine.get('meter', ck.get('meter')), 'rng': mine['rng']}
 
     def _save(self, is_best: bool):
         if not self.info.is_main:
