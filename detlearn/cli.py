@@ -117,14 +117,17 @@ def cmd_train(args) -> int:
 def _add_model_options(p):
     p.add_argument('--checkpoint', '-c', help='a detlearn checkpoint (best.pth, last.pth)')
     p.add_argument('--model', help='a preset, with --weights an official file (e.g. yolox_s + yolox_s.pth)')
-    p.add_argument('--weights', help='official (or detlearn) weights for --model')
+    p.add_argument('--weights', help='official (or detlearn) weights for --model; or alone, an exported .onnx file '
+                                    '(run by onnxruntime)')
     p.add_argument('--device', choices=['cpu', 'cuda'])
     p.add_argument('--img-size', type=int, help="input size (default: the checkpoint's, meta['img_size'])")
 
 
 def loaded_model(args, device):
-    """The `LoadedModel` of `--checkpoint`, or of `--model` with `--weights`."""
+    """The `LoadedModel` of `--checkpoint`, of `--model` with `--weights`, or of `--weights FILE.onnx`."""
     from detlearn.pipeline import load_model
+    if args.weights and Path(args.weights).suffix == '.onnx' and not (args.checkpoint or args.model):
+        return load_model(Path(args.weights), device=device)  # an exported file, run by onnxruntime
     if bool(args.checkpoint) == bool(args.model):
         raise DetlearnError("give --checkpoint C (a detlearn checkpoint) or --model PRESET --weights W, not both")
     if args.model and not args.weights:

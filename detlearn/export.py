@@ -9,6 +9,7 @@ __all__ = ['CONTRACTS', 'UNMATCHED_FRACTION', 'YOLOXOnnx', 'detr_topk', 'DETROnn
 
 # %% ../nbs/55_export.ipynb #29a8809c
 import copy
+import dataclasses
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -254,6 +255,20 @@ def _write_metadata(path: Path, props: dict[str, str]):
         entry.key, entry.value = key, value
     onnx.save(proto, str(path))
 
+def _model_metadata(model: nn.Module) -> dict[str, str]:
+    """The family and top-level config settings, for running the file with the pipeline (`OnnxDetector`)."""
+    from detlearn.models import find_family
+    family, cfg = find_family(model), getattr(model, 'cfg', None)
+    if family is None or not dataclasses.is_dataclass(cfg):
+        return {}
+    settings = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not dataclasses.is_dataclass(value):
+            try: settings[f.name] = json.loads(json.dumps(value))
+            except TypeError: pass
+    return {'detlearn_family': family.name, 'detlearn_config': json.dumps(settings)}
+
 # %% ../nbs/55_export.ipynb #d5d35b63
 def export_onnx(model: nn.Module,  # a detlearn detector (any device; a CPU copy is exported)
                 path: str | Path,  # the .onnx file to write
@@ -263,6 +278,7 @@ def export_onnx(model: nn.Module,  # a detlearn detector (any device; a CPU copy
                 decode: bool = False,  # YOLOX: decoded cxcywh boxes instead of raw t (decode_in_inference)
                 top_k: int = 300,  # DETR: detections per image
                 class_names: list[str] | None = None,  # stored in the file's metadata
+                cat_ids: list[int] | None = None,  # the dataset's category id of each label, stored too
                 rel: float = TOLERANCES['onnx'],  # allowed max |ort - torch| / max |torch| per output
                 check: bool = True,  # run the file with onnxruntime and compare (False: write it only)
                ) -> ExportReport:
@@ -282,7 +298,8 @@ def export_onnx(model: nn.Module,  # a detlearn detector (any device; a CPU copy
         inputs = example_inputs(contract, 2, size, seed=1)  # another batch size and other values than the trace
         expected = [t.numpy() for t in _as_tuple(module(*inputs))]
     _write_metadata(path, {'detlearn_contract': contract, 'class_names': json.dumps(class_names or []),
-                           'img_size': json.dumps(list(size))})
+                           'img_size': json.dumps(list(size)), 'cat_ids': json.dumps(list(cat_ids or [])),
+                           'detlearn_decode': json.dumps(bool(decode)), **_model_metadata(net)})
     if not check:
         report = ExportReport(path, contract, *names, [], rel)
         print(report.summary())
@@ -333,5 +350,5 @@ def cmd_export(args) -> int:
     loaded = load_model(args.checkpoint or args.model, args.weights)  # with the family's inference-time fusion
     export_onnx(loaded.model, args.out, img_size=args.img_size or loaded.img_size, opset=args.opset,
                 contract=args.contract, decode=args.decode, top_k=args.top_k, class_names=loaded.class_names,
-                rel=args.rel, check=not args.no_check)
+                cat_ids=loaded.cat_ids, rel=args.rel, check=not args.no_check)
     return 0
