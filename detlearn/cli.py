@@ -311,7 +311,9 @@ def _external(name: str) -> tuple:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `detlearn` argument parser with all sub-commands."""
+    from detlearn import __version__
     parser = argparse.ArgumentParser(prog='detlearn', description='Learn, train and use modern object detectors.')
+    parser.add_argument('--version', action='version', version=f'detlearn {__version__}')
     sub = parser.add_subparsers(dest='command', required=True)
     for add, _ in COMMANDS.values():
         add(sub)

@@ -103,9 +103,41 @@ def test_installed_package_finds_its_resources(installed, tmp_path):
         assert Path(found).is_relative_to(prefix), f'{found} is not inside the fresh environment {prefix}'
 
 
+def test_installed_command_and_module_answer(installed, tmp_path):
+    version = run([installed / 'python', '-c', 'import detlearn; print(detlearn.__version__)'], cwd=tmp_path).stdout
+    for cmd in ([installed / 'detlearn', '--version'], [installed / 'python', '-m', 'detlearn', '--version']):
+        assert run(cmd, cwd=tmp_path).stdout == f'detlearn {version}'
+    code = "import detlearn; print(detlearn.__doc__ is not None, sorted(detlearn.__all__))"
+    assert run([installed / 'python', '-c', code], cwd=tmp_path).stdout.split(None, 1) == [
+        'True', "['build_trainer', 'create', 'pipeline']\n"]
+
+
 def test_installed_demo_runs_from_a_clean_folder(installed, tmp_path):
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     out = run([installed / 'detlearn', 'demo', '--epochs', '1'], cwd=tmp_path, env=env)
     assert 'AP50' in out.stdout, out.stdout
     for f in ('last.pth', 'predictions_val.json', 'metrics.csv'):
         assert (tmp_path / 'detlearn_demo' / f).is_file(), f'the demo wrote no {f}'
+
+
+def test_wheel_is_the_one_the_readme_names(wheel):
+    version = next(l.split('=', 1)[1].strip() for l in (ROOT / 'settings.ini').read_text().splitlines()
+                   if l.startswith('version'))
+    assert wheel.name == f'detlearn-{version}-py3-none-any.whl'
+    assert f'dist/{wheel.name}' in (ROOT / 'README.md').read_text()
+
+
+def test_colab_install_cell_installs_detlearn(tmp_path):
+    """The Colab notebook's install cell, run as on Colab but with this checkout in place of the git URL (the
+    same `detlearn[extra] @ URL` requirement; no network here) in a fresh environment outside the checkout."""
+    cells = json.loads((ROOT / 'nbs' / '91_colab_t4.ipynb').read_text())['cells']
+    (cell,) = [''.join(c['source']) for c in cells if "IN_COLAB = 'google.colab' in sys.modules" in ''.join(c['source'])]
+    url = 'git+https://github.com/detlearn/detlearn'
+    assert f'@ {url}' in cell
+    script = tmp_path / 'install_cell.py'
+    script.write_text("import sys, types\nsys.modules['google.colab'] = types.ModuleType('google.colab')  # as on Colab\n"
+                      + cell.replace(url, ROOT.as_uri()))
+    bin_ = fresh_venv(tmp_path / 'env')
+    run([bin_ / 'python', script], cwd=tmp_path, env={**os.environ, 'PIP_DISABLE_PIP_VERSION_CHECK': '1'})
+    out = run([bin_ / 'python', '-c', 'import detlearn, cupy; print(detlearn.__file__)'], cwd=tmp_path)
+    assert Path(out.stdout.strip()).is_relative_to(tmp_path / 'env'), out.stdout
