@@ -198,3 +198,12 @@ def test_package_front_door():
     assert detlearn.__doc__ and detlearn.__doc__.startswith('What `import detlearn` gives you')
     assert sorted(detlearn.__all__) == ['build_trainer', 'create', 'pipeline']
     assert detlearn.__version__ == version('detlearn')
+
+
+def test_second_train_into_a_run_is_refused(run):
+    d, _ = run
+    r = detlearn('train', '--recipe', 'shapes_demo', '--train-ann', SHAPES / 'train.json', '--train-images',
+                 SHAPES / 'train', '--epochs', 1, '--img-size', 64, '--work-dir', 'run', cwd=d, ok=False)
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        'detlearn: error: run already holds a training run: give another --work-dir, --exist-ok to overwrite it, '
+        'or -r run/last.pth to resume it'], r.stderr
