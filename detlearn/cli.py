@@ -102,6 +102,8 @@ def _holds_run(folder: Path) -> bool:
 def run_dir(args) -> Path:
     """Where `detlearn train` writes: --work-dir, the resumed run's folder, else the first free runs/train{,2,3...}."""
     import itertools
+    if args.resume == 'auto':  # resume from the work dir's own last.pth if there is one: always the same folder
+        return Path(args.work_dir or 'runs/train')
     if args.work_dir is None and args.resume:
         return Path(args.resume).parent
     if args.work_dir is not None:
