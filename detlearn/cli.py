@@ -28,7 +28,9 @@ def _add_train(sub):
         p.add_argument(name, type=int)
     p.add_argument('--test-size', type=int, help='evaluation/inference size (default: the training size)')
     p.add_argument('-t', '--weights', help='start from these weights (fine-tuning; other class counts are fine)')
-    p.add_argument('-r', '--resume', help='resume this training state (last.pth) exactly')
+    p.add_argument('-r', '--resume', metavar='PATH|auto',
+                   help="resume this training state (last.pth) exactly; 'auto': the work dir's last.pth if there "
+                        "is one, else start (what restarted torchrun workers need)")
     p.add_argument('--work-dir', help='checkpoints and logs (default: runs/train, or runs/train2, ... if taken; '
                                       'with -r: the resumed run\'s folder)')
     p.add_argument('--exist-ok', action='store_true', help='train into a --work-dir that holds a run (overwrite)')

@@ -125,7 +125,7 @@ def build_trainer(model=None,  # preset name, ModelScope model id, or a module; 
                   device: str | None = None, progress: bool = True):
     """A `Trainer` from a preset name (or module), datasets (or (ann, images) pairs) and overrides."""
     from detlearn.modelscope import check_class_names, preset_for, split_cfg_options, trainer_arguments
-    from detlearn.train import Trainer
+    from detlearn.train import Trainer, check_input_sizes
     if isinstance(train_dataset, dict):  # ModelScope: build_trainer(trainer_name, default_args)
         return build_trainer(**trainer_arguments(model, train_dataset))
     model = preset_for(model) if isinstance(model, str) else model
@@ -142,6 +142,10 @@ def build_trainer(model=None,  # preset name, ModelScope model id, or a module; 
     elif weights is not None:
         from detlearn.hub import load_weights
         load_weights(model, weights)
+    offsets = getattr(recipe.augment, 'offsets', None)  # small-image DETR augmentation: img_size + offsets
+    if offsets:
+        check_input_sizes(model, cfg.loop, {'smallest augmentation size (--img-size + offsets)':
+                                            recipe.img_size + min(offsets)})
     meta = {'model_name': recipe.model, 'img_size': recipe.eval_size, 'train_img_size': recipe.img_size,
             'num_classes': num_classes, 'model_overrides': dict(recipe.model_overrides)}
     return Trainer(model, train_dataset, eval_dataset, cfg=cfg, work_dir=work_dir, device=device,

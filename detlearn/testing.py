@@ -78,5 +78,5 @@ TOLERANCES = {  # rel for assert_scaled_close, by kind of check (see the table i
     'fp32_op': 3e-6,          # one operation or a short chain: FDR's weighting function, an anchor table
     'loss': 3e-5,             # scalar loss terms: sums and means over many elements
     'fp16_reference': 2e-3,   # against a reference stored in fp16 (2^-11 relative rounding of the storage itself)
-    'onnx': 1e-4,             # onnxruntime against PyTorch on the same weights (other kernels, fused ops)
+    'onnx': 1e-3,             # onnxruntime against PyTorch on the same weights, per output (export chapter)
 }

@@ -71,6 +71,9 @@ class LoopConfig:
     ema_warmup: float = 2000.0
     eval_every: int = 10           # epochs; the last epoch is always evaluated
     save_every: int = 0            # also keep epoch_N.pth every N epochs (0 = never)
+    # also write last.pth every N optimiser steps, mid-epoch, with the data position: preemptible runs lose
+    # at most N steps and resume to the same weights (0 = at epoch ends only)
+    checkpoint_every_steps: int = 0
     best_metric: str = 'AP'        # key of the evaluation stats that decides best.pth
     no_aug_epochs: int = 15        # YOLOX: last epochs without Mosaic/MixUp and with the L1 loss
     multiscale: tuple = ()         # (min, max) input size in pixels, multiple of 32; () = off
@@ -322,7 +325,10 @@ def save_checkpoint(state: dict, path: str | Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
     try:
-        torch.save(state, tmp)
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old file or the new
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -23,3 +23,13 @@ def fo():
         missing('fiftyone is not installed: pip install -e ".[viz]"')
     fiftyone.config.show_progress_bars = False
     return fiftyone
+
+
+def pytest_configure(config):
+    """DETLEARN_DETERMINISTIC=1: the whole suite under torch.use_deterministic_algorithms(True), as users who
+    ask PyTorch for reproducibility run it (every op detlearn uses must then have a deterministic kernel)."""
+    config.addinivalue_line('markers', 'cpu_path: compares floats with stored references or depends on the CPU '
+                                       'precision path; tools/test.sh runs these again on the other CPU path')
+    if os.environ.get('DETLEARN_DETERMINISTIC') == '1':
+        import torch
+        torch.use_deterministic_algorithms(True)

@@ -172,6 +172,18 @@ def test_eval_and_predict_accept_official_weights(tmp_path):
     assert r.returncode == 2 and 'needs --weights' in r.stderr
 
 
+def test_sizes_a_detr_cannot_take_are_refused_before_training(tmp_path):
+    # D-FINE-N reads strides 16 and 32: 224 px gives 245 encoder tokens for its 300 queries; 256 is the smallest side
+    common = ('train', '--model', 'dfine_n', '--train-ann', SHAPES / 'val.json', '--train-images', SHAPES / 'val',
+              '--epochs', 1, '--work-dir', tmp_path / 'w')
+    r = detlearn(*common, '--img-size', 224, cwd=tmp_path, ok=False)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr and r.stderr.strip().count('\n') == 0
+    assert 'training size (--img-size) 224 is too small' in r.stderr and 'use 256 or more' in r.stderr
+    assert not (tmp_path / 'w' / 'last.pth').exists()  # refused before the first step
+    r = detlearn(*common, '--img-size', 256, '--test-size', 192, cwd=tmp_path, ok=False)
+    assert r.returncode == 2 and 'test size (--test-size) 192 is too small' in r.stderr
+
+
 def test_export_without_onnx_names_the_extra(tmp_path):
     code = ("import sys; sys.modules['onnx'] = sys.modules['onnxruntime'] = None; "  # as if not installed
             "from detlearn.cli import main; sys.exit(main(sys.argv[1:]))")

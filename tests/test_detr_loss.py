@@ -15,6 +15,8 @@ from detlearn.models.denoising import DenoisingConfig, make_denoising_groups
 from detlearn.models.detr_loss import DetrLossConfig, SetCriterion, denoising_indices
 from detlearn.testing import TOLERANCES, assert_scaled_close
 
+pytestmark = pytest.mark.cpu_path  # run again on the other CPU path by tools/test.sh
+
 FIXTURE = Path(__file__).parent / 'data' / 'detr' / 'dino_loss.pt'
 
 

@@ -19,6 +19,8 @@ from detlearn.backbones.hgnetv2 import DFINE_VARIANTS, HGNetv2, dfine_hgnetv2_co
 from detlearn.models.dfine_encoder import HybridEncoder, HybridEncoderConfig, hybrid_encoder_config
 from detlearn.testing import TOLERANCES, assert_scaled_close
 
+pytestmark = pytest.mark.cpu_path  # run again on the other CPU path by tools/test.sh
+
 DATA = Path(__file__).parent / 'data/dfine'
 REFERENCE = json.loads(gzip.decompress((DATA / 'backbone_reference.json.gz').read_bytes()))
 FIXTURE = torch.load(DATA / 'backbone_equivalence.pt', weights_only=True)

@@ -15,6 +15,8 @@ from detlearn.assign.hungarian import HungarianMatcher
 from detlearn.models.dfine_loss import DFineCriterion, DFineLossConfig, union_of_matchings
 from detlearn.testing import TOLERANCES, assert_scaled_close
 
+pytestmark = pytest.mark.cpu_path  # run again on the other CPU path by tools/test.sh
+
 FIXTURE = Path(__file__).parent / 'data' / 'detr' / 'dfine_loss.pt'
 
 

@@ -20,6 +20,8 @@ from detlearn.models.fdr import bbox_to_distance, weighting_function
 from detlearn.testing import TOLERANCES, assert_scaled_close
 from detlearn.utils import DetlearnError
 
+pytestmark = pytest.mark.cpu_path  # run again on the other CPU path by tools/test.sh
+
 DATA = Path(__file__).parent / 'data' / 'dfine'
 PRESETS = {'n': dfine_n, 's': dfine_s, 'm': dfine_m, 'l': dfine_l, 'x': dfine_x}
 

@@ -16,6 +16,8 @@ from detlearn.models.dino import DINO, DINOConfig, dino_num_classes, dino_offici
 from detlearn.models.dino_transformer import run_transformer
 from detlearn.testing import TOLERANCES, assert_scaled_close
 
+pytestmark = pytest.mark.cpu_path  # run again on the other CPU path by tools/test.sh
+
 DATA = Path(__file__).parent / 'data' / 'dino'
 REL = TOLERANCES['fp32_network']  # scaled to each tensor: see the chapter 'Comparing numbers across machines'
 

@@ -8,6 +8,7 @@
 * `cmd_export` on a trainer-format checkpoint and on official-layout weights; bad command lines.
 """
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -19,9 +20,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_detr import FakeDETR  # noqa: E402
 
-from detlearn.export import add_export_parser, cmd_export, export_onnx, run_onnx  # noqa: E402
+from detlearn.export import (YOLOXOnnx, add_export_parser, cmd_export, compare_outputs, example_inputs,  # noqa: E402
+                             export_onnx, run_onnx)
 from detlearn.models import create  # noqa: E402
 from detlearn.utils import DetlearnError  # noqa: E402
+
+pytestmark = pytest.mark.cpu_path  # run again on the other CPU path by tools/test.sh
 
 NAMES = ['circle', 'square', 'triangle', 'star']
 
@@ -100,9 +104,35 @@ def test_detr_check_catches_a_frozen_value(tmp_path):
             out = super().forward(images)
             return out | {'pred_logits': out['pred_logits'] + float(images[0, 0, 0, 0])}
     torch.manual_seed(0)
-    with pytest.raises(DetlearnError, match='beyond atol'): export_onnx(Frozen().eval(), tmp_path / 'f.onnx', img_size=64)
+    with pytest.raises(DetlearnError, match=r'beyond rel=0.001 on .* at \[\d+, \d+\].*--rel.*--no-check') as err:
+        export_onnx(Frozen().eval(), tmp_path / 'f.onnx', img_size=64)
+    assert 'kept' in str(err.value) and (tmp_path / 'f.onnx').exists()  # the file stays, for inspection
+    report = export_onnx(Frozen().eval(), tmp_path / 'f2.onnx', img_size=64, check=False)
+    assert report.checks == [] and 'not checked' in report.summary()
     with pytest.raises(DetlearnError, match='decode=True'):
         export_onnx(FakeDETR().eval(), tmp_path / 'g.onnx', img_size=64, decode=True)
+
+
+def test_yolox_check_is_scaled_to_each_output(yolox, tmp_path):
+    # Box numbers in the hundreds (as trained or perturbed weights give) pass; each part has its own scale.
+    big = copy.deepcopy(yolox)
+    with torch.no_grad():
+        for conv in big.head.reg_preds: conv.weight.mul_(300.0); conv.bias.add_(400.0)
+    report = export_onnx(big, tmp_path / 'big.onnx', img_size=64)
+    boxes, probs = report.checks
+    assert boxes.name == 'output[..., :4]' and boxes.scale > 100 and boxes.ok and probs.ok
+    assert 'output[..., :4]' in report.summary() and 'allowed 0.001' in report.summary()
+    x = example_inputs('yolox', 2, (64, 64), seed=1)[0]
+    with torch.no_grad(): want = YOLOXOnnx(big)(x).numpy()
+    # 8.55e-3 on a box number near zero, in an output of scale 400: the false alarm of an elementwise atol
+    i = (0, 5, 1)
+    want[i] = 0.0; got = want.copy(); got[i] = 8.55e-3  # a box number near zero, off by 8.55e-3
+    assert abs(got[i] - want[i]) > 1e-3 + 1e-3 * abs(want[i])  # what an elementwise atol/rtol refused
+    assert all(c.ok for c in compare_outputs(('output',), [got], [want]))
+    # a wrong probability is named, element and values, although it is far smaller than the box numbers
+    got = want.copy(); got[1, 7, 6] += 0.05
+    worst = compare_outputs(('output',), [got], [want])[1]
+    assert not worst.ok and worst.index == (1, 7, 2) and 'PyTorch' in worst.line()
 
 
 def _parse(*argv):
@@ -133,6 +163,9 @@ def test_cmd_export_official_weights(tmp_path):
     assert cmd_export(args) == 0
     (raw,) = run_onnx(tmp_path / 'o.onnx', {'images': np.zeros((1, 3, 64, 64), np.float32)})
     assert raw.shape == (1, 8 * 8 + 4 * 4 + 2 * 2, 85)
+    args = _parse('--model', 'yolox_nano', '--weights', str(tmp_path / 'yolox_nano.pth'), '--out',
+                  str(tmp_path / 'n.onnx'), '--img-size', '64', '--no-check', '--rel', '0.01')
+    assert (args.rel, args.no_check) == (0.01, True) and cmd_export(args) == 0 and (tmp_path / 'n.onnx').exists()
 
 
 def test_cmd_export_mistakes(tmp_path):

@@ -5,11 +5,13 @@ Fixture tests/data/dino/swin_io.pt: `python tools/make_dino_fixtures.py OFFICIAL
 merging all occur; a padded batch of two photos)."""
 from pathlib import Path
 
+import pytest
 import torch
 
 from detlearn.backbones.swin import SwinTransformer
 from detlearn.testing import TOLERANCES, assert_scaled_close
 
+pytestmark = pytest.mark.cpu_path  # run again on the other CPU path by tools/test.sh
 
 def test_swin_matches_official():
     io = torch.load(Path(__file__).parent / 'data' / 'dino' / 'swin_io.pt', weights_only=True)

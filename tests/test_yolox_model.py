@@ -12,6 +12,8 @@ from detlearn.models import create, list_models, model_info
 from detlearn.models.yolox import yolox_postprocess
 from detlearn.utils import DetlearnError
 
+pytestmark = pytest.mark.cpu_path  # run again on the other CPU path by tools/test.sh
+
 REFERENCE = json.loads(gzip.decompress((Path(__file__).parent / 'data/yolox_reference.json.gz').read_bytes()))
 PRESETS = ['yolox_nano', 'yolox_tiny', 'yolox_s', 'yolox_m', 'yolox_l', 'yolox_x']
 

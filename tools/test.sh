@@ -39,8 +39,4 @@ if .venv/bin/python -c "import sys, torch; sys.exit(torch.backends.cpu.get_cpu_c
 else
   other=(env DETLEARN_CPU_BF16=1); echo "this CPU: AVX2; second pass with the CPU bf16 path forced on"
 fi
-"${other[@]}" .venv/bin/python -m pytest -q -n 2 --dist loadgroup tests/test_dino_official.py tests/test_dfine_official.py \
-  tests/test_swin_official.py tests/test_dfine_backbone.py tests/test_detr_loss.py tests/test_dfine_loss.py \
-  tests/test_yolox_model.py tests/test_export.py "tests/test_notebooks.py::test_notebook[00b_testing.ipynb]" \
-  "tests/test_notebooks.py::test_notebook[43c_models_dfine_family.ipynb]" \
-  "tests/test_notebooks.py::test_notebook[50_train_utils.ipynb]" "tests/test_notebooks.py::test_notebook[53_bench.ipynb]"
+"${other[@]}" .venv/bin/python -m pytest -q -n 2 --dist loadgroup -m cpu_path tests

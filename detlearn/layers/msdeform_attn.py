@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -16,7 +17,7 @@ from ..ops.msda import ms_deform_attn
 from ..utils import DetlearnError
 
 # %% auto #0
-__all__ = ['sampling_offsets_init', 'sampling_locations', 'MSDeformAttn']
+__all__ = ['sampling_offsets_init', 'sampling_locations', 'MSDeformAttn', 'level_token_count', 'smallest_input_size']
 
 # %% ../../nbs/13_layers_msdeform_attn.ipynb #aff5116d
 def sampling_offsets_init(n_heads: int, n_levels: int, n_points: int) -> Tensor:  # (H, L, P, 2)
@@ -95,3 +96,17 @@ class MSDeformAttn(nn.Module):
         v = v.view(B, S, self.n_heads, self.d_model // self.n_heads)    # (B, S, H, C/H)
         locations, weights = self.sample(query, reference_points, spatial_shapes)
         return self.output_proj(ms_deform_attn(v, spatial_shapes, level_start_index, locations, weights))
+
+# %% ../../nbs/13_layers_msdeform_attn.ipynb #msa10k02
+def level_token_count(h: int, w: int,  # input size in pixels
+                      strides: Sequence[int],  # stride of each level, e.g. (8, 16, 32, 64)
+                     ) -> int:
+    """Tokens of the flattened levels of an (h, w) input: sum of ceil(h/s)·ceil(w/s)."""
+    return sum(math.ceil(h / s) * math.ceil(w / s) for s in strides)
+
+def smallest_input_size(strides: Sequence[int], min_tokens: int, multiple: int = 32) -> int:
+    """The smallest square side (a multiple of `multiple`) whose levels give at least `min_tokens` tokens."""
+    side = multiple
+    while level_token_count(side, side, strides) < min_tokens:
+        side += multiple
+    return side

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..backbones.hgnetv2 import HGNetv2, HGNetv2Config, dfine_hgnetv2_config
 from ..boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
+from ..layers.msdeform_attn import smallest_input_size
 from .denoising import DenoisingConfig, make_denoising_groups
 from .dfine_decoder import DFINEDecoder, DFINEDecoderConfig
 from .dfine_encoder import HybridEncoder, HybridEncoderConfig, fold_batch_norms, hybrid_encoder_config
@@ -144,6 +145,11 @@ class DFINE(nn.Module):
         self.encoder = HybridEncoder(cfg.encoder)  # official model: state dicts list tensors in the same order
         loss_cfg = DFineLossConfig(num_classes=cfg.num_classes, reg_max=cfg.decoder.reg_max)
         self.criterion = DFineCriterion(loss_cfg)  # no weights: state dicts are unchanged
+
+    @property
+    def min_input_size(self) -> int:
+        """The smallest input side whose encoder levels give at least num_queries tokens (D-FINE-N: 256)."""
+        return smallest_input_size(self.cfg.decoder.feat_strides, self.cfg.decoder.num_queries)
 
     def forward(self, images: Tensor,  # (B, 3, H, W) RGB in [0, 1], H and W multiples of 32
                 masks: Tensor | None = None,  # (B, H, W) bool, True on padding (D-FINE inputs: usually none)

@@ -18,6 +18,7 @@ from ..assign.hungarian import detr_targets
 from ..backbones.resnet import ResNet, ResNetBackbone, downsample_mask
 from ..boxes import box_cxcywh_to_xyxy, inverse_sigmoid
 from ..layers.position import PositionEmbeddingSine
+from ..layers.msdeform_attn import smallest_input_size
 from .denoising import DenoisingConfig, DenoisingGroups, make_denoising_groups
 from .detr_loss import DetrLossConfig, SetCriterion
 from .dino_transformer import DINOTransformer, box_head, class_head, run_transformer
@@ -128,6 +129,17 @@ class DINO(nn.Module):
         shared_class, shared_box = class_head(cfg.hidden_dim, cfg.num_classes), box_head(cfg.hidden_dim)
         self.class_embed = nn.ModuleList([shared_class] * cfg.dec_layers)  # one module, official names .0-.5
         self.bbox_embed = nn.ModuleList([shared_box] * cfg.dec_layers)
+
+    @property
+    def level_strides(self) -> list[int]:
+        """Strides of the encoder's levels: the backbone stages read (layerK: 2^(K+1)), then doubling."""
+        strides = [2 ** (k + 1) for k in self.cfg.return_layers]
+        return strides + [strides[-1] * 2 ** i for i in range(1, self.cfg.num_feature_levels - len(strides) + 1)]
+
+    @property
+    def min_input_size(self) -> int:
+        """The smallest input side that gives the encoder at least num_queries tokens for query selection."""
+        return smallest_input_size(self.level_strides, self.cfg.num_queries)
 
     def multiscale_features(self, images: Tensor, masks: Tensor,  # (B, 3, H, W), (B, H, W) bool
                            ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:  # L x srcs, masks, pos
