@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['CONTRACTS', 'UNMATCHED_FRACTION', 'YOLOXOnnx', 'detr_topk', 'DETROnnx', 'onnx_contract', 'contract_module',
-           'run_onnx', 'OutputCheck', 'compare_outputs', 'ExportReport', 'example_inputs', 'export_onnx',
-           'add_export_parser', 'cmd_export']
+           'require_onnx', 'run_onnx', 'OutputCheck', 'compare_outputs', 'ExportReport', 'example_inputs',
+           'export_onnx', 'add_export_parser', 'cmd_export']
 
 # %% ../nbs/55_export.ipynb #29a8809c
 import copy
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .boxes import box_cxcywh_to_xyxy
 from .testing import TOLERANCES
-from .utils import DetlearnError
+from .utils import DetlearnError, install_command
 
 # %% ../nbs/55_export.ipynb #86ffae96
 class YOLOXOnnx(nn.Module):
@@ -99,12 +99,17 @@ def contract_module(model: nn.Module, contract: str, decode: bool = False, top_k
     return YOLOXOnnx(model, decode) if contract == 'yolox' else DETROnnx(model, top_k)
 
 # %% ../nbs/55_export.ipynb #4feaf818
+def require_onnx() -> None:
+    """A DetlearnError naming the `export` extra if onnx or onnxruntime is not installed."""
+    import importlib.util
+    missing = [m for m in ('onnx', 'onnxruntime') if importlib.util.find_spec(m) is None]
+    if missing:
+        raise DetlearnError(f"ONNX export needs {' and '.join(missing)}: {install_command('export')}")
+
 def run_onnx(path: str | Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Outputs of an ONNX file on `inputs` with onnxruntime (CPU)."""
-    try:
-        import onnxruntime
-    except ImportError:
-        raise DetlearnError('checking an ONNX file needs onnxruntime: pip install "detlearn[export]"') from None
+    require_onnx()
+    import onnxruntime
     session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
     return session.run(None, inputs)
 
@@ -283,6 +288,7 @@ def export_onnx(model: nn.Module,  # a detlearn detector (any device; a CPU copy
                 check: bool = True,  # run the file with onnxruntime and compare (False: write it only)
                ) -> ExportReport:
     """Write a detector as its official deployment ONNX file (dynamic batch), checked with onnxruntime."""
+    require_onnx()  # before any work: torch.onnx needs onnx, the check needs onnxruntime
     if opset < 16:
         raise DetlearnError(f"opset must be >= 16 (grid_sample, used by deformable attention), got {opset}")
     path = Path(path)
@@ -343,6 +349,7 @@ def add_export_parser(sub):
 def cmd_export(args) -> int:
     """`detlearn export`: load the model like `detlearn.pipeline` does, export, check, print the differences."""
     from detlearn.pipeline import load_model
+    require_onnx()
     if bool(args.checkpoint) == bool(args.model):
         raise DetlearnError("give --checkpoint C (a detlearn checkpoint), or --model PRESET --weights W")
     if args.checkpoint and args.weights:

@@ -20,7 +20,7 @@ def fo():
     try:
         import fiftyone
     except ImportError:
-        missing('fiftyone is not installed: pip install "detlearn[viz]"')
+        missing('fiftyone is not installed: pip install -e ".[viz]"')
     fiftyone.config.show_progress_bars = False
     return fiftyone
 

@@ -182,3 +182,40 @@ def test_sizes_a_detr_cannot_take_are_refused_before_training(tmp_path):
     assert not (tmp_path / 'w' / 'last.pth').exists()  # refused before the first step
     r = detlearn(*common, '--img-size', 256, '--test-size', 192, cwd=tmp_path, ok=False)
     assert r.returncode == 2 and 'test size (--test-size) 192 is too small' in r.stderr
+
+
+def test_export_without_onnx_names_the_extra(tmp_path):
+    code = ("import sys; sys.modules['onnx'] = sys.modules['onnxruntime'] = None; "  # as if not installed
+            "from detlearn.cli import main; sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, '-c', code, 'export', '--model', 'yolox_nano', '--weights', 'w.pth',
+                        '--out', 'x.onnx'], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stdout == '', r.stderr
+    assert r.stderr.splitlines() == ['detlearn: error: ONNX export needs onnx and onnxruntime: '
+                                     'pip install "detlearn[export] @ git+https://github.com/detlearn/detlearn"']
+
+
+def test_version_and_python_m_detlearn(tmp_path):
+    import detlearn
+    for cmd in (['-m', 'detlearn', '--version'], ['-m', 'detlearn.cli', '--version']):
+        r = subprocess.run([sys.executable, *cmd], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and r.stdout == f'detlearn {detlearn.__version__}\n', r.stderr
+    r = subprocess.run([sys.executable, '-m', 'detlearn', 'train'], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and r.stderr.splitlines()[-1].startswith('detlearn: error:'), r.stderr
+
+
+def test_package_front_door():
+    import detlearn
+    from importlib.metadata import version
+    assert detlearn.__doc__ and detlearn.__doc__.startswith('What `import detlearn` gives you')
+    assert sorted(detlearn.__all__) == ['build_trainer', 'create', 'pipeline']
+    assert detlearn.__version__ == version('detlearn')
+
+
+def test_second_train_into_a_run_is_refused(run):
+    d, _ = run
+    r = detlearn('train', '--recipe', 'shapes_demo', '--train-ann', SHAPES / 'train.json', '--train-images',
+                 SHAPES / 'train', '--epochs', 1, '--img-size', 64, '--work-dir', 'run', cwd=d, ok=False)
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        'detlearn: error: run already holds a training run: give another --work-dir, --exist-ok to overwrite it, '
+        'or -r run/last.pth to resume it'], r.stderr

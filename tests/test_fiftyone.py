@@ -94,7 +94,8 @@ def test_same_name_replaces_that_dataset_only(fo, shapes):
 def test_missing_fiftyone_names_the_extra(monkeypatch):
     from detlearn.integrations.fiftyone import import_fiftyone
     monkeypatch.setitem(sys.modules, 'fiftyone', None)
-    with pytest.raises(DetlearnError, match=r'pip install "detlearn\[viz\]"'): import_fiftyone()
+    with pytest.raises(DetlearnError, match=r'pip install "detlearn\[viz\] @ git\+https://github.com/detlearn/detlearn"'):
+        import_fiftyone()
 
 
 def test_cli_no_launch(fo, shapes, tmp_path, capsys):

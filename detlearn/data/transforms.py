@@ -8,18 +8,19 @@ from __future__ import annotations
 import random
 from typing import Callable, Sequence
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
 
-from ..utils import DetlearnError
+from ..utils import DetlearnError, import_cv2
+
+cv2 = import_cv2()  # OpenCV, or one error that names clashing OpenCV wheels
 
 # %% auto #0
-__all__ = ['IMAGE_KEYS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'DETR_SCALES', 'check_sample', 'select_boxes', 'with_boxes', 'Compose',
-           'hflip', 'RandomHorizontalFlip', 'resize_image', 'resize', 'shorter_side_size', 'Resize', 'RandomResize',
-           'crop', 'RandomSizeCrop', 'SanitizeBoxes', 'RandomSelect', 'letterbox', 'Letterbox', 'ToTensor',
-           'detr_transforms']
+__all__ = ['cv2', 'IMAGE_KEYS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'DETR_SCALES', 'check_sample', 'select_boxes', 'with_boxes',
+           'Compose', 'hflip', 'RandomHorizontalFlip', 'resize_image', 'resize', 'shorter_side_size', 'Resize',
+           'RandomResize', 'crop', 'RandomSizeCrop', 'SanitizeBoxes', 'RandomSelect', 'letterbox', 'Letterbox',
+           'ToTensor', 'detr_transforms']
 
 # %% ../../nbs/05_data_transforms.ipynb #b7066e16
 IMAGE_KEYS = ('image_id', 'orig_size', 'size')  # per-image entries; every other array is per-box

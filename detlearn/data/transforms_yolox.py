@@ -9,7 +9,6 @@ import math
 import random
 from typing import Callable, Sequence
 
-import cv2
 import numpy as np
 import torch
 
@@ -24,10 +23,12 @@ from detlearn.data.transforms import (
     select_boxes,
     with_boxes,
 )
-from ..utils import DetlearnError
+from ..utils import DetlearnError, import_cv2
+
+cv2 = import_cv2()  # OpenCV, or one error that names clashing OpenCV wheels
 
 # %% auto #0
-__all__ = ['augment_hsv', 'RandomHSV', 'affine_matrix', 'warp_boxes', 'random_affine', 'paste', 'concat_targets', 'mosaic',
+__all__ = ['cv2', 'augment_hsv', 'RandomHSV', 'affine_matrix', 'warp_boxes', 'random_affine', 'paste', 'concat_targets', 'mosaic',
            'box_candidates', 'mixup', 'yolox_transforms', 'MosaicMixupDataset']
 
 # %% ../../nbs/05b_data_transforms_yolox.ipynb #22642a00

@@ -19,7 +19,7 @@ import torch
 
 from ..data.coco import collate_detection, load_coco_json
 from ..models.family import Internals, empty_target
-from ..utils import DetlearnError
+from ..utils import DetlearnError, install_command
 
 # %% ../../nbs/56_integrations_fiftyone.ipynb #7267c491
 def import_fiftyone():
@@ -28,7 +28,7 @@ def import_fiftyone():
     try:
         import fiftyone
     except ImportError:
-        raise DetlearnError('the FiftyOne integration needs fiftyone: pip install "detlearn[viz]"') from None
+        raise DetlearnError(f"the FiftyOne integration needs fiftyone: {install_command('viz')}") from None
     return fiftyone
 
 # %% ../../nbs/56_integrations_fiftyone.ipynb #512ba74a
