@@ -22,6 +22,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def descendants(pid: int) -> list[int]:
+    """PIDs of every process below `pid` (children first found through /proc), deepest last."""
+    children = {}
+    for entry in Path('/proc').iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / 'stat').read_text().rsplit(')', 1)[1].split()[1])
+        except (ValueError, OSError, IndexError):
+            continue
+        if entry.name.isdigit():
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child); todo.append(child)
+    return found
+
+
+def running_with(text: str) -> list[int]:
+    """PIDs whose command line mentions `text` (this job's folder): workers orphaned by an agent that exited."""
+    pids = []
+    for entry in Path('/proc').iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / 'cmdline').read_bytes().decode(errors='replace'):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return [p for p in pids if p != os.getpid()]
+
+
 def two_nodes(out: Path, kill_step: int, timeout: float = 240) -> list[str]:
     """Start two torchrun agents for one job; wait for both; return their outputs."""
     out.mkdir(parents=True)
@@ -40,10 +71,14 @@ def two_nodes(out: Path, kill_step: int, timeout: float = 240) -> list[str]:
         for a in agents:
             a.wait(timeout=max(1, deadline - time.monotonic()))
     finally:
-        for a in agents:  # each agent leads its own process group: end it and its workers
-            if a.poll() is None:
-                os.killpg(a.pid, signal.SIGKILL)
-                a.wait()
+        for a in agents:  # end every agent still running and every process below it (workers may change group)
+            alive = [a.pid] if a.poll() is None else []  # never signal a PID already reaped (it may be reused)
+            for pid in [*descendants(a.pid), *alive, *running_with(str(out))]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            a.wait()
     texts = []
     for log in logs:
         log.seek(0); texts.append(log.read()); log.close()
