@@ -43,4 +43,4 @@ fi
   tests/test_swin_official.py tests/test_dfine_backbone.py tests/test_detr_loss.py tests/test_dfine_loss.py \
   tests/test_yolox_model.py tests/test_export.py "tests/test_notebooks.py::test_notebook[00b_testing.ipynb]" \
   "tests/test_notebooks.py::test_notebook[43c_models_dfine_family.ipynb]" \
-  "tests/test_notebooks.py::test_notebook[50_train_utils.ipynb]" "tests/test_notebooks.py::test_notebook[53_bench.ipynb]"
+  "tests/test_notebooks.py::test_notebook[50_train_utils.ipynb]" "tests/test_notebooks.py::test_notebook[57_bench.ipynb]"
