@@ -49,7 +49,8 @@ def bench_trainer(model: str = 'yolox_nano', img_size: int = 256, batch_size: in
     """Median seconds per step of the Trainer vs a bare loop on the same model and batch, and the overhead."""
     from detlearn.models import create
     from detlearn.train import Trainer, to_float32
-    from detlearn.train_utils import TrainConfig, amp_policy, build_optimizer
+    from detlearn.config import TrainConfig
+    from detlearn.train_utils import amp_policy, build_optimizer
     dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     torch.manual_seed(0)
     bare = create(model, num_classes).to(dev).train()

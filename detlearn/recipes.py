@@ -16,7 +16,7 @@ from torch import nn
 from .models import FAMILIES, family_of, find_family, replace_config_fields
 from .models.family import Recipe
 from .models.yolox_family import YOLOXAugment
-from .train_utils import LoopConfig, OptimConfig, ScheduleConfig, TrainConfig, apply_overrides
+from .config import LoopConfig, OptimConfig, ScheduleConfig, TrainConfig, apply_overrides
 from .utils import DetlearnError
 
 # %% ../nbs/50e_recipes.ipynb #06e94d02

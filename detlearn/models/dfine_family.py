@@ -19,7 +19,8 @@ from .dfine_decoder import generate_anchors
 from .dfine import DFINE, NOT_WEIGHTS, DFINEConfig, dfine_l, dfine_m, dfine_n, dfine_s, dfine_x
 from .family import Family, OfficialFormat, Recipe, official_state_dict
 from .yolox_family import coco80_label_space
-from ..train_utils import LoopConfig, OptimConfig, ScheduleConfig, TrainConfig, load_checkpoint, save_checkpoint
+from ..config import LoopConfig, OptimConfig, ScheduleConfig, TrainConfig
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..utils import DetlearnError
 
 # %% auto #0

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ..train_utils import TrainConfig
+from ..config import TrainConfig
 from ..utils import DetlearnError
 
 # %% ../../nbs/23b_models_family.ipynb #26e135a0

@@ -25,7 +25,8 @@ from .family import (Family, Internals, OfficialFormat, Recipe, coco_categories,
                                     gt_of_detections, official_state_dict)
 from .yolox import YOLOX, YOLOXConfig, yolox_l, yolox_m, yolox_nano, yolox_s, yolox_tiny, yolox_x
 from .yolox_loss import YOLOXCriterion
-from ..train_utils import LoopConfig, OptimConfig, ScheduleConfig, TrainConfig, load_checkpoint
+from ..config import LoopConfig, OptimConfig, ScheduleConfig, TrainConfig
+from ..checkpoint import load_checkpoint
 from ..utils import DetlearnError
 
 # %% ../../nbs/23c_models_yolox_family.ipynb #7b50d770
