@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .bench_models import _synthetic_batch  # the batch the memory estimate uses too
-from .utils import DetlearnError, import_command
+from .bench_models import _synthetic_batch, add_models_parser, cmd_models
+from .bench_speed import add_deploy_parser, add_speed_parser, cmd_deploy, cmd_speed
+from .utils import DetlearnError
 
 # %% ../nbs/57_bench.ipynb #6d72f393
 class _OneBatch(torch.utils.data.Dataset):
@@ -156,15 +157,15 @@ def add_bench_parser(sub):
         _bench_extension(name)[0](s)
 
 
-BENCH_EXTENSIONS = {  # `detlearn bench NAME` defined in other chapters: (module, add-parser, run)
-    'speed': ('detlearn.bench_speed', 'add_speed_parser', 'cmd_speed'),
-    'models': ('detlearn.bench_models', 'add_models_parser', 'cmd_models'),
-    'deploy': ('detlearn.bench_speed', 'add_deploy_parser', 'cmd_deploy'),
+BENCH_EXTENSIONS = {  # `detlearn bench NAME` defined in earlier chapters: (add-parser, run)
+    'speed': (add_speed_parser, cmd_speed),
+    'models': (add_models_parser, cmd_models),
+    'deploy': (add_deploy_parser, cmd_deploy),
 }
 
 
 def _bench_extension(name: str) -> tuple:
-    return import_command(BENCH_EXTENSIONS[name])
+    return BENCH_EXTENSIONS[name]
 
 def cmd_bench(args) -> int:
     """Run the `detlearn bench` sub-command in `args`."""

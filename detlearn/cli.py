@@ -14,7 +14,10 @@ from pathlib import Path
 
 import torch
 
-from .utils import DetlearnError, import_command
+from .bench import add_bench_parser, cmd_bench
+from .export import add_export_parser, cmd_export
+from .integrations.fiftyone import add_fiftyone_parser, cmd_fiftyone
+from .utils import DetlearnError
 
 # %% ../nbs/58_cli.ipynb #a39a2e39
 def _add_train(sub):
@@ -298,15 +301,15 @@ def cmd_demo(args) -> int:
 # %% ../nbs/58_cli.ipynb #82ccfd8c
 COMMANDS = {'train': (_add_train, cmd_train), 'eval': (_add_eval, cmd_eval), 'predict': (_add_predict, cmd_predict),
             'data': (_add_data, cmd_data), 'demo': (_add_demo, cmd_demo)}
-EXTERNAL_COMMANDS = {  # name -> (module, function adding its parser, function running it)
-    'bench': ('detlearn.bench', 'add_bench_parser', 'cmd_bench'),
-    'export': ('detlearn.export', 'add_export_parser', 'cmd_export'),
-    'fiftyone': ('detlearn.integrations.fiftyone', 'add_fiftyone_parser', 'cmd_fiftyone'),
+EXTERNAL_COMMANDS = {  # name -> (function adding its parser, function running it), from their own chapters
+    'bench': (add_bench_parser, cmd_bench),
+    'export': (add_export_parser, cmd_export),
+    'fiftyone': (add_fiftyone_parser, cmd_fiftyone),
 }
 
 
 def _external(name: str) -> tuple:
-    return import_command(EXTERNAL_COMMANDS[name])
+    return EXTERNAL_COMMANDS[name]
 
 
 def build_parser() -> argparse.ArgumentParser:
