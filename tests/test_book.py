@@ -50,11 +50,13 @@ def test_allowlist_exempts_and_reports_stale(tmp_path):
 
 
 def test_book_order_is_dependency_order():
-    """No detlearn module imports one from a later chapter (at module level or inside a function), no circles."""
+    """No module imports a later chapter's (module level or in a function), no circles, no family imports another."""
     import check_layout  # noqa: E402  (a script in tools/)
     forward, circles = check_layout.forward_imports(), check_layout.circles()
     assert not forward, 'imports that point to a later chapter:\n' + '\n'.join(forward)
     assert not circles, 'modules that import each other:\n' + '\n'.join(' <-> '.join(g) for g in circles)
+    cross = check_layout.cross_family_imports()
+    assert not cross, 'a detector family imports another:\n' + '\n'.join(cross)
 
 
 def test_layout_check_catches_forward_imports_and_circles(tmp_path):
@@ -69,6 +71,9 @@ def test_layout_check_catches_forward_imports_and_circles(tmp_path):
     assert layout_findings(check_layout, tmp_path) == (['nbs/00_a.ipynb -> nbs/01_b.ipynb'], [['a', 'b']])
     (tmp_path / 'detlearn' / 'a.py').write_text('x = 1\n')
     assert layout_findings(check_layout, tmp_path) == ([], [])
+    assert check_layout.family_of_module('models.dfine_loss') == 'dfine'
+    assert check_layout.family_of_module('models.yolox.loss') == 'yolox'
+    assert check_layout.family_of_module('models.family') is None
 
 
 def layout_findings(check_layout, root):

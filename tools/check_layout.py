@@ -1,6 +1,6 @@
-"""The book's order is its dependency order: no detlearn module imports one from a later chapter, and no circles.
+"""The book's order is its dependency order: no module imports a later chapter's, no circles, families apart.
 
-    python tools/check_layout.py   # exit 1 (and a list) if an import points forward or modules import in a circle
+    python tools/check_layout.py   # exit 1 (and a list) on a forward import, a circle or one family importing another
 
 Chapter order is `sorted(glob('nbs/**/*.ipynb', recursive=True))`, the order nbdev and a reader see them in; each
 chapter's module is its `#| default_exp`. Every `from detlearn... import` counts, at module level and inside
@@ -72,6 +72,28 @@ def forward_imports(root: Path = ROOT) -> list[str]:
     return sorted(found)
 
 
+FAMILIES = ('yolox', 'dino', 'dfine')  # detector families: models.<name>* modules (and folders)
+
+
+def family_of_module(module: str) -> str | None:
+    """The detector family a module belongs to ('models.dfine_loss' -> 'dfine'), None for shared modules."""
+    parts = module.split('.')
+    if len(parts) < 2 or parts[0] != 'models':
+        return None
+    return next((f for f in FAMILIES if parts[1] == f or parts[1].startswith(f + '_')), None)
+
+
+def cross_family_imports(root: Path = ROOT) -> list[str]:
+    """'module -> module' where one detector family imports another (shared parts belong outside both)."""
+    found = []
+    for me, targets in imports(root).items():
+        for t in sorted(targets):
+            a, b = family_of_module(me), family_of_module(t)
+            if a and b and a != b:
+                found.append(f'{me} -> {t}')
+    return sorted(found)
+
+
 def circles(root: Path = ROOT) -> list[list[str]]:
     """Groups of modules that import each other (strongly connected components of more than one module)."""
     edges = imports(root)
@@ -107,13 +129,15 @@ def circles(root: Path = ROOT) -> list[list[str]]:
 
 
 def main() -> int:
-    fwd, circ = forward_imports(), circles()
+    fwd, circ, cross = forward_imports(), circles(), cross_family_imports()
     for line in fwd:
         print(f'FORWARD {line}')
+    for line in cross:
+        print(f'FAMILY {line}')
     for group in circ:
         print(f'CIRCLE {" <-> ".join(group)}')
-    print(f'check_layout: {len(fwd)} forward imports, {len(circ)} circles')
-    return 1 if fwd or circ else 0
+    print(f'check_layout: {len(fwd)} forward imports, {len(circ)} circles, {len(cross)} imports across families')
+    return 1 if fwd or circ or cross else 0
 
 
 if __name__ == '__main__':
