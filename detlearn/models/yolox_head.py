@@ -9,7 +9,6 @@ __all__ = ['STRIDES', 'IN_CHANNELS', 'YOLOXConfig', 'yolox_nano', 'yolox_tiny', 
 
 # %% ../../nbs/22_models_yolox_head.ipynb #975fbbfc
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backbones.cspdarknet import BaseConv, DWConv
+from ..layers.mlp import bias_init_with_prob
 from ..utils import DetlearnError
 
 # %% ../../nbs/22_models_yolox_head.ipynb #7db25d5f
@@ -88,7 +88,7 @@ class YOLOXHead(nn.Module):
     def initialize_biases(self, prior_prob: float):
         """Set cls and obj biases so every initial probability equals `prior_prob`."""
         for conv in [*self.cls_preds, *self.obj_preds]:
-            nn.init.constant_(conv.bias, -math.log((1 - prior_prob) / prior_prob))
+            nn.init.constant_(conv.bias, bias_init_with_prob(prior_prob))
 
     def forward(self, feats: tuple[Tensor, ...],  # L maps (B, C_l, H_l, W_l)
                ) -> list[Tensor]:  # L maps (B, 4+1+K, H_l, W_l): [reg, obj, cls] raw
