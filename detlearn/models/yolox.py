@@ -78,7 +78,7 @@ class YOLOX(nn.Module):
         return yolox_postprocess(outputs['decoded'], sizes, outputs['input_size'], self.cfg.conf_thre,
                                  self.cfg.nms_thre)
 
-    def fuse(self, channels_last: bool = True, onednn: bool = True) -> 'YOLOX':
+    def deploy(self, channels_last: bool = True, onednn: bool = True) -> 'YOLOX':
         """Fold each BatchNorm into its conv (exact in eval mode); return self, in eval mode, for inference only."""
         self.eval()
         fuse_conv_bn(self)
@@ -89,6 +89,10 @@ class YOLOX(nn.Module):
             self.channels_last = True
             self.to(memory_format=torch.channels_last)
         return self
+
+    def fuse(self, channels_last: bool = True, onednn: bool = True) -> 'YOLOX':
+        """`deploy` under YOLOX's own name (the official `model.fuse()`)."""
+        return self.deploy(channels_last, onednn)
 
     def train(self, mode: bool = True) -> 'YOLOX':
         """`nn.Module.train`, refused once `fuse()` folded the BatchNorms (their batch statistics are gone)."""

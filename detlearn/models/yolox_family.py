@@ -173,8 +173,8 @@ YOLOX_OFFICIAL = OfficialFormat(
 
 
 def yolox_fuse(model: YOLOX) -> YOLOX:
-    """YOLOX's inference-time conversion: every BatchNorm folded into its convolution (`YOLOX.fuse`)."""
-    return model.fuse()
+    """YOLOX's inference-time conversion: every BatchNorm folded into its convolution (`YOLOX.deploy`)."""
+    return model.deploy()
 
 
 YOLOX_FAMILY = Family(
