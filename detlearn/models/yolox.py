@@ -32,7 +32,8 @@ class YOLOX(nn.Module):
                               cfg.head_width)
         self.head.initialize_biases(cfg.prior_prob)
         self.use_l1 = False  # the trainer switches the L1 box loss on for the last epochs
-        self.criterion = None  # a YOLOXCriterion (no tensors of its own: the state_dict stays the official one)
+        # built once (no tensors of its own: the state_dict stays the official one); replace it to change options
+        self.criterion = YOLOXCriterion(cfg.num_classes)
         self._grid_cache: dict = {}
 
     def grids_and_strides(self, sizes_hw: list[tuple[int, int]], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -68,8 +69,6 @@ class YOLOX(nn.Module):
 
     def loss(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
         """SimOTA-assigned YOLOX losses (IoU, objectness, class, L1 when `self.use_l1`); see the loss chapter."""
-        if self.criterion is None:  # built on first use; set `model.criterion` yourself to change its options
-            self.criterion = YOLOXCriterion(self.cfg.num_classes)
         return self.criterion(outputs, targets, use_l1=self.use_l1)
 
     def postprocess(self, outputs: dict, sizes: Tensor,  # (B, 2) original (h, w)
