@@ -13,10 +13,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .models import FAMILIES, family_of, find_family, replace_config_fields
+from .config import LoopConfig, OptimConfig, ScheduleConfig, TrainConfig, apply_overrides
+from .data.coco import CocoDetection
+from .hub import load_weights
+from .models import FAMILIES, create, family_of, find_family, replace_config_fields
 from .models.family import Recipe
 from .models.yolox_family import YOLOXAugment
-from .config import LoopConfig, OptimConfig, ScheduleConfig, TrainConfig, apply_overrides
+from .modelscope import check_class_names, preset_for, split_cfg_options, trainer_arguments
+from .train import Trainer
 from .utils import DetlearnError
 
 # %% ../nbs/50e_recipes.ipynb #06e94d02
@@ -70,7 +74,6 @@ def build_datasets(recipe: Recipe, train_ann, train_images, val_ann=None, val_im
                    drop_bad: bool = False,  # drop what the dataset doctor flags (with a warning) instead of refusing
                   ) -> tuple:
     """(train dataset, validation dataset or None) for `recipe` from COCO-format files, checked by the doctor."""
-    from detlearn.data.coco import CocoDetection
     family = family_of(recipe.model)
     raw = CocoDetection(train_ann, train_images, drop_bad=drop_bad)
     train = family.train_dataset(raw, recipe)
@@ -89,8 +92,6 @@ def build_model(name: str,  # a preset, e.g. 'yolox_s'
                 overrides: dict | None = None,  # model config fields to change
                ) -> nn.Module:
     """The preset `name` for `num_classes`, optionally initialised from `weights`."""
-    from detlearn.hub import load_weights
-    from detlearn.models import create
     model = create(name, num_classes=num_classes, cfg_overrides=overrides or None)
     if weights is not None:
         load_weights(model, weights)
@@ -124,8 +125,6 @@ def build_trainer(model=None,  # preset name, ModelScope model id, or a module; 
                   recipe: Recipe | str | None = None, weights: str | Path | None = None,
                   device: str | None = None, progress: bool = True):
     """A `Trainer` from a preset name (or module), datasets (or (ann, images) pairs) and overrides."""
-    from detlearn.modelscope import check_class_names, preset_for, split_cfg_options, trainer_arguments
-    from detlearn.train import Trainer
     if isinstance(train_dataset, dict):  # ModelScope: build_trainer(trainer_name, default_args)
         return build_trainer(**trainer_arguments(model, train_dataset))
     model = preset_for(model) if isinstance(model, str) else model
@@ -140,7 +139,6 @@ def build_trainer(model=None,  # preset name, ModelScope model id, or a module; 
     if isinstance(model, str):
         model = _seeded_model(model, num_classes, weights, recipe, cfg.loop.seed)
     elif weights is not None:
-        from detlearn.hub import load_weights
         load_weights(model, weights)
     meta = {'model_name': recipe.model, 'img_size': recipe.eval_size, 'train_img_size': recipe.img_size,
             'num_classes': num_classes, 'model_overrides': dict(recipe.model_overrides)}
