@@ -36,9 +36,30 @@ def saved_tensor_bytes(step: Callable[[], object],  # runs a forward (and loss) 
     return sum(saved.values())
 
 # %% ../nbs/53c_bench_models.ipynb #9230ed1e
+def _synthetic_batch(batch: int, size: int, num_classes: int, device) -> tuple:
+    """(images, None, targets): random images with two boxes each, the same on every call."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, 3, size, size, generator=g) * 255
+    s = size / 8
+    targets = [
+        {
+            'boxes': torch.tensor([[s, s, 3 * s, 4 * s], [4 * s, 4 * s, 7 * s, 6 * s]]),
+            'labels': torch.tensor([0, (i + 1) % num_classes]),
+            'image_id': i,
+            'orig_size': torch.tensor([size, size]),
+            'size': torch.tensor([size, size]),
+        }
+        for i in range(batch)
+    ]
+    return (
+        images.to(device),
+        None,
+        [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets],
+    )
+
+
 def _step_bytes(model: nn.Module, batch: int, size: int, amp_dtype: torch.dtype | None) -> int:
     """Saved-for-backward bytes of one forward + loss on synthetic (batch, 3, size, size) images."""
-    from detlearn.bench import _synthetic_batch  # the batch `detlearn bench trainer` uses
     from detlearn.train import to_float32
     images, _, targets = _synthetic_batch(batch, size, model.cfg.num_classes, 'cpu')
 

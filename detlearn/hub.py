@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .models import create, family_of
 from .models.family import OfficialFormat
-from .train_utils import checkpoint_weights, load_checkpoint, load_matching
+from .checkpoint import checkpoint_weights, load_checkpoint, load_matching
 from .utils import DetlearnError
 
 logger = logging.getLogger(__name__)

@@ -103,7 +103,7 @@ class LoadedModel:
 def build_from_checkpoint(ckpt: dict, preset: str | None, source: str | Path) -> LoadedModel:
     """The model and its label space from a loaded detlearn or official checkpoint."""
     from detlearn.hub import load_official_state_dict, official_format
-    from detlearn.train_utils import checkpoint_weights
+    from detlearn.checkpoint import checkpoint_weights
     meta, names = ckpt.get('meta') or {}, list(ckpt.get('class_names') or [])
     if 'format' in ckpt and names and (preset or meta.get('model_name')):  # written by detlearn's Trainer
         model = create(preset or meta['model_name'], num_classes=len(names),
@@ -218,7 +218,7 @@ def load_model(model: str | Path | nn.Module,  # preset name, ModelScope id, che
               ) -> LoadedModel:  # the model in eval mode on `device`
     """Build a ready-to-run detector and its label space from what `pipeline` was given (.onnx too)."""
     from detlearn.modelscope import preset_for
-    from detlearn.train_utils import load_checkpoint
+    from detlearn.checkpoint import load_checkpoint
     if isinstance(model, nn.Module):
         loaded = _from_module(model)
     elif preset_for(str(model)) in list_models():

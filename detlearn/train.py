@@ -23,9 +23,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .distributed import (DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_object,
                                   setup_distributed, unwrap_model, wrap_model)
 from .models import find_family
-from .train_utils import (ModelEMA, TrainConfig, amp_policy, build_optimizer, build_scheduler,
-                                  checkpoint_weights, config_to_dict, load_checkpoint, rng_state,
-                                  save_checkpoint, seed_everything, set_rng_state)
+from .checkpoint import (checkpoint_weights, load_checkpoint, rng_state, save_checkpoint, seed_everything,
+                                 set_rng_state)
+from .config import TrainConfig, config_to_dict
+from .train_utils import ModelEMA, amp_policy, build_optimizer, build_scheduler
 from .utils import DetlearnError, usable_cpus
 
 # %% ../nbs/50c_train.ipynb #4de6c566

@@ -47,3 +47,34 @@ def test_allowlist_exempts_and_reports_stale(tmp_path):
     (tmp_path / 'tools' / 'book_allowlist.txt').write_text('nbs/a.ipynb  # being fixed\nnbs/gone.ipynb\n')
     assert check_notebooks.main(['--root', str(tmp_path)]) == 0
     assert check_notebooks.main(['--root', str(tmp_path), '--no-allowlist']) == 1
+
+
+def test_book_order_is_dependency_order():
+    """No module imports a later chapter's (module level or in a function), no circles, no family imports another."""
+    import check_layout  # noqa: E402  (a script in tools/)
+    forward, circles = check_layout.forward_imports(), check_layout.circles()
+    assert not forward, 'imports that point to a later chapter:\n' + '\n'.join(forward)
+    assert not circles, 'modules that import each other:\n' + '\n'.join(' <-> '.join(g) for g in circles)
+    cross = check_layout.cross_family_imports()
+    assert not cross, 'a detector family imports another:\n' + '\n'.join(cross)
+
+
+def test_layout_check_catches_forward_imports_and_circles(tmp_path):
+    import check_layout  # noqa: E402
+    (tmp_path / 'nbs').mkdir()
+    (tmp_path / 'detlearn').mkdir()
+    for i, name in enumerate(['a', 'b']):
+        cell = {'cell_type': 'code', 'source': [f'#| default_exp {name}'], 'metadata': {}, 'outputs': []}
+        (tmp_path / 'nbs' / f'0{i}_{name}.ipynb').write_text(json.dumps({'cells': [cell]}))
+    (tmp_path / 'detlearn' / 'a.py').write_text('def f():\n    from detlearn.b import g\n')
+    (tmp_path / 'detlearn' / 'b.py').write_text('from .a import f\n')
+    assert layout_findings(check_layout, tmp_path) == (['nbs/00_a.ipynb -> nbs/01_b.ipynb'], [['a', 'b']])
+    (tmp_path / 'detlearn' / 'a.py').write_text('x = 1\n')
+    assert layout_findings(check_layout, tmp_path) == ([], [])
+    assert check_layout.family_of_module('models.dfine_loss') == 'dfine'
+    assert check_layout.family_of_module('models.yolox.loss') == 'yolox'
+    assert check_layout.family_of_module('models.family') is None
+
+
+def layout_findings(check_layout, root):
+    return check_layout.forward_imports(root), check_layout.circles(root)

@@ -576,7 +576,7 @@ def test_module_imports_on_torch_before_2_4(tmp_path):
     script = tmp_path / 'old_torch.py'
     script.write_text("""
 import torch
-import detlearn  # torchvision and the models: their own imports need the new torch; the op module is what is tested
+import torchvision  # its own imports need the new torch; the op module (imported by `detlearn`) is what is tested
 calls = []
 def fake_custom_fwd(fwd):
     calls.append('fwd')

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / 'nbs').glob('*.ipynb'))
 FORCED = set(os.environ.get('DETLEARN_NB_FLAGS', '').split())
 # chapters whose checks depend on the CPU's precision path or compare with stored float references
-CPU_PATH = {'00b_testing.ipynb', '43c_models_dfine_family.ipynb', '50_train_utils.ipynb', '53_bench.ipynb',
+CPU_PATH = {'00b_testing.ipynb', '43c_models_dfine_family.ipynb', '50_train_utils.ipynb', '57_bench.ipynb',
             '55_export.ipynb'}
 
 

@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from .coco import read_image_size
+from .coco_json import read_image_size
 from ..utils import DetlearnError
 
 # %% ../../nbs/03_data_convert.ipynb #9ad06848

@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 from PIL import Image, UnidentifiedImageError
 
-from .coco import load_coco_json, read_image_size
+from .coco_json import load_coco_json, read_image_size
 from ..utils import DetlearnError
 
 # %% ../../nbs/04_data_doctor.ipynb #b6dec999

@@ -15,15 +15,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..boxes import inverse_sigmoid
+from ..layers.mlp import MLP, bias_init_with_prob  # noqa: F401  (importable from here too)
 from .fdr import distance_to_bbox, integrate_distribution, weighting_function
 from ..ops.msda import ms_deform_attn
 from ..utils import DetlearnError
 
 # %% auto #0
-__all__ = ['DFINEDecoderConfig', 'bias_init_with_prob', 'MLP', 'Gate', 'LQE', 'box_deformable_attention', 'MSDeformableAttention',
-           'DecoderLayer', 'generate_anchors', 'DecoderStack', 'check_decoder_config', 'input_projection',
-           'DFINEDecoder', 'reset_decoder_parameters', 'anchors_for', 'select_queries', 'project_of', 'refine',
-           'flatten_levels', 'with_teacher', 'decoder_outputs', 'decoder_forward', 'deploy_decoder']
+__all__ = ['DFINEDecoderConfig', 'Gate', 'LQE', 'box_deformable_attention', 'MSDeformableAttention', 'DecoderLayer',
+           'generate_anchors', 'DecoderStack', 'check_decoder_config', 'input_projection', 'DFINEDecoder',
+           'reset_decoder_parameters', 'anchors_for', 'select_queries', 'project_of', 'refine', 'flatten_levels',
+           'with_teacher', 'decoder_outputs', 'decoder_forward', 'deploy_decoder']
 
 # %% ../../nbs/43_models_dfine_decoder.ipynb #757ffde4
 @dataclass
@@ -47,24 +48,6 @@ class DFINEDecoderConfig:
     anchor_eps: float = 1e-2  # anchors with a coordinate outside (eps, 1 - eps) are invalid
 
 # %% ../../nbs/43_models_dfine_decoder.ipynb #fae27bcd
-def bias_init_with_prob(prior_prob: float = 0.01) -> float:
-    """The bias b with sigmoid(b) = prior_prob: classifiers start at `prior_prob` (focal-loss init)."""
-    return -math.log((1 - prior_prob) / prior_prob)
-
-
-class MLP(nn.Module):
-    """`num_layers` linear layers with ReLU in between (DETR's box MLP)."""
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
-        super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
-        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip(dims, dims[1:] + [output_dim]))
-
-    def forward(self, x: Tensor) -> Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
-        return x
-
-
 class Gate(nn.Module):
     """Gated fusion of the query and the cross-attention output: LN(g1·x + g2·y), (g1, g2) = σ(W[x, y] + b)."""
     def __init__(self, d_model: int):

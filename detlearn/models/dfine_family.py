@@ -17,9 +17,9 @@ from ..data.transforms_dfine import (
     RandomIoUCrop, RandomPhotometricDistort, RandomZoomOut, StopEpochCompose, dfine_transforms)
 from .dfine_decoder import generate_anchors
 from .dfine import DFINE, NOT_WEIGHTS, DFINEConfig, dfine_l, dfine_m, dfine_n, dfine_s, dfine_x
-from .family import Family, OfficialFormat, Recipe, official_state_dict
-from .yolox_family import coco80_label_space
-from ..train_utils import LoopConfig, OptimConfig, ScheduleConfig, TrainConfig, load_checkpoint, save_checkpoint
+from .family import Family, OfficialFormat, Recipe, coco80_label_space, official_state_dict
+from ..config import LoopConfig, OptimConfig, ScheduleConfig, TrainConfig
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..utils import DetlearnError
 
 # %% auto #0

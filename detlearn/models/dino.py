@@ -129,6 +129,7 @@ class DINO(nn.Module):
         shared_class, shared_box = class_head(cfg.hidden_dim, cfg.num_classes), box_head(cfg.hidden_dim)
         self.class_embed = nn.ModuleList([shared_class] * cfg.dec_layers)  # one module, official names .0-.5
         self.bbox_embed = nn.ModuleList([shared_box] * cfg.dec_layers)
+        self.criterion = SetCriterion(DetrLossConfig(num_classes=cfg.num_classes))  # no tensors: state dict unchanged
 
     @property
     def level_strides(self) -> list[int]:
@@ -185,7 +186,7 @@ class DINO(nn.Module):
 
     def loss(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
         """DINO's set criterion (Hungarian matching, focal + L1 + GIoU, aux, interm and denoising terms)."""
-        return SetCriterion(DetrLossConfig(num_classes=self.cfg.num_classes))(outputs, detr_targets(targets))
+        return self.criterion(outputs, detr_targets(targets))
 
     def postprocess(self, outputs: dict, sizes: Tensor) -> list[dict]:
         """Top-`num_select` (query, class) pairs per image; boxes xyxy in pixels of the original image."""

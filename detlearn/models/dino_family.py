@@ -19,7 +19,7 @@ from .dino import (DINO, DINO_CLASS_SPECIFIC, DINO_PRESETS, DINOConfig, dino_lab
                                   dino_num_classes, dino_official_to_detlearn, read_official_dino)
 from .detr_loss import DetrLossConfig, SetCriterion
 from .family import Family, Internals, OfficialFormat, Recipe, gt_of_detections
-from ..train_utils import LoopConfig, OptimConfig, ScheduleConfig, TrainConfig
+from ..config import LoopConfig, OptimConfig, ScheduleConfig, TrainConfig
 from ..utils import DetlearnError
 
 # %% auto #0

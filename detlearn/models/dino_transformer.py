@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from typing import NamedTuple
 
 import torch
@@ -15,30 +14,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..boxes import inverse_sigmoid
+from ..layers.mlp import MLP, bias_init_with_prob
 from ..layers.msdeform_attn import MSDeformAttn
 from ..layers.position import sine_embed_boxes
 from ..utils import DetlearnError
 
 # %% auto #0
-__all__ = ['MLP', 'valid_ratios', 'FlatLevels', 'flatten_levels', 'encoder_reference_points', 'DeformableEncoderLayer',
+__all__ = ['valid_ratios', 'FlatLevels', 'flatten_levels', 'encoder_reference_points', 'DeformableEncoderLayer',
            'DeformableEncoder', 'encoder_proposals', 'DINODecoderLayer', 'DINODecoder', 'class_head', 'box_head',
            'QuerySelection', 'DINOTransformer', 'select_queries', 'run_transformer']
 
 # %% ../../nbs/35_models_dino_transformer.ipynb #e59051dd
-class MLP(nn.Module):
-    """A few linear layers with ReLU between them (DETR's box head and DINO's query-position head)."""
-    def __init__(self, d_in: int, d_hidden: int, d_out: int, num_layers: int):
-        super().__init__()
-        dims = [d_in] + [d_hidden] * (num_layers - 1) + [d_out]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-
-    def forward(self, x: Tensor) -> Tensor:  # (..., d_in) -> (..., d_out)
-        """ReLU after every layer but the last."""
-        for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
-        return x
-
-
 def valid_ratios(mask: Tensor,  # (B, H, W) bool, True on padding
                 ) -> Tensor:    # (B, 2) (w, h) fractions of the map that are image
     """Valid width and height of each image as fractions of the map (from the first row and column)."""
@@ -218,7 +204,7 @@ class DINODecoder(nn.Module):
 def class_head(d_model: int, num_classes: int, prior_prob: float = 0.01) -> nn.Linear:
     """Linear class head whose sigmoid starts at `prior_prob` (focal-loss prior, as in DINO)."""
     head = nn.Linear(d_model, num_classes)
-    nn.init.constant_(head.bias, -math.log((1 - prior_prob) / prior_prob))
+    nn.init.constant_(head.bias, bias_init_with_prob(prior_prob))
     return head
 
 

@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['YOLOX_RECIPES', 'OFFICIAL_RELEASE', 'YOLOX_PRESETS', 'YOLOX_OFFICIAL', 'YOLOX_FAMILY', 'YOLOXAugment',
            'yolox_coco_recipe', 'yolox_train_dataset', 'yolox_eval_transforms', 'yolox_start_epoch',
-           'read_official_yolox', 'yolox_official_to_detlearn', 'yolox_num_classes', 'coco80_label_space',
-           'official_preprocess', 'simota_options', 'yolox_internals', 'yolox_fuse']
+           'read_official_yolox', 'yolox_official_to_detlearn', 'yolox_num_classes', 'official_preprocess',
+           'simota_options', 'yolox_internals', 'yolox_fuse']
 
 # %% ../../nbs/23c_models_yolox_family.ipynb #c38a7ecc
 import json
@@ -21,11 +21,12 @@ from torch.utils.data import Dataset
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, Compose, Letterbox, ToTensor
 from ..data.transforms_yolox import MosaicMixupDataset, yolox_transforms
 from ..assign.simota import simota_assign
-from .family import (Family, Internals, OfficialFormat, Recipe, coco_categories, empty_target,
-                                    gt_of_detections, official_state_dict)
+from .family import (Family, Internals, OfficialFormat, Recipe, coco80_label_space, coco_categories,
+                                    empty_target, gt_of_detections, official_state_dict)
 from .yolox import YOLOX, YOLOXConfig, yolox_l, yolox_m, yolox_nano, yolox_s, yolox_tiny, yolox_x
 from .yolox_loss import YOLOXCriterion
-from ..train_utils import LoopConfig, OptimConfig, ScheduleConfig, TrainConfig, load_checkpoint
+from ..config import LoopConfig, OptimConfig, ScheduleConfig, TrainConfig
+from ..checkpoint import load_checkpoint
 from ..utils import DetlearnError
 
 # %% ../../nbs/23c_models_yolox_family.ipynb #7b50d770
@@ -114,13 +115,6 @@ def yolox_num_classes(state_dict: dict[str, Tensor]) -> int:
     return int(weight.shape[0])
 
 
-def coco80_label_space(num_classes: int) -> tuple[list[str], list[int]]:
-    """(names, COCO ids) of labels 0..K-1: COCO's 80 categories in id order, else numbered classes."""
-    if num_classes == 80:
-        cats = coco_categories()
-        return [name for _, name in cats], [cid for cid, _ in cats]
-    return [f'class_{k}' for k in range(num_classes)], list(range(1, num_classes + 1))
-
 # %% ../../nbs/23c_models_yolox_family.ipynb #a7fc8df0
 def official_preprocess(image: np.ndarray,  # (h, w, 3) uint8
                         test_size: int | tuple[int, int],  # S or (S_h, S_w), e.g. model.cfg.test_size
@@ -179,8 +173,8 @@ YOLOX_OFFICIAL = OfficialFormat(
 
 
 def yolox_fuse(model: YOLOX) -> YOLOX:
-    """YOLOX's inference-time conversion: every BatchNorm folded into its convolution (`YOLOX.fuse`)."""
-    return model.fuse()
+    """YOLOX's inference-time conversion: every BatchNorm folded into its convolution (`YOLOX.deploy`)."""
+    return model.deploy()
 
 
 YOLOX_FAMILY = Family(

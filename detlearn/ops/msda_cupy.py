@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .msda import _is_compiling, check_msda_inputs, ms_deform_attn_pytorch
+from .msda_reference import _is_compiling, check_msda_inputs, ms_deform_attn_pytorch
 from ..utils import DetlearnError, resource_dir
 
 # %% auto #0
