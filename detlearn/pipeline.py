@@ -26,7 +26,7 @@ from .models import FAMILIES, create, family_of, find_family, list_models
 from .models.family import replace_config_fields
 from .models.yolox import yolox_postprocess
 from .models.family import empty_target
-from .utils import DetlearnError
+from .utils import DetlearnError, install_command
 
 # %% ../nbs/52_pipeline.ipynb #fc289ccb
 MAX_DOWNLOAD_BYTES = 50 * 2**20  # 50 MiB: far above any photo, small enough to refuse a video or an archive
@@ -150,7 +150,7 @@ class OnnxDetector(nn.Module):
         try:
             import onnxruntime
         except ImportError:
-            raise DetlearnError('running an .onnx file needs onnxruntime: pip install "detlearn[export]"') from None
+            raise DetlearnError(f"running an .onnx file needs onnxruntime: {install_command('export')}") from None
         opts = onnxruntime.SessionOptions()
         if threads: opts.intra_op_num_threads = threads
         self.path = Path(path)
