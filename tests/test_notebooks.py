@@ -4,6 +4,8 @@ Cells flagged `#| cuda` or `#| slow` are skipped unless named in DETLEARN_NB_FLA
 (for example `DETLEARN_NB_FLAGS="cuda slow"` on a GPU machine).
 """
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,9 +19,32 @@ CPU_PATH = {'00b_testing.ipynb', '43c_models_dfine_family.ipynb', '50_train_util
             '55_export.ipynb'}
 
 
+@pytest.fixture
+def private_tmp():
+    """Every temporary file a chapter makes (tempfile.mkdtemp, checkpoints of its demo runs) goes into one folder
+    that is removed after the chapter, pass or fail: the chapters write gigabytes of checkpoints in all, and a
+    suite run must not fill the disk of the machine it runs on."""
+    old_env, old_dir = os.environ.get('TMPDIR'), tempfile.tempdir
+    folder = tempfile.mkdtemp(prefix='detlearn-nb-')
+    os.environ['TMPDIR'], tempfile.tempdir = folder, folder
+    try:
+        yield Path(folder)
+    finally:
+        tempfile.tempdir = old_dir
+        if old_env is None:
+            os.environ.pop('TMPDIR', None)
+        else:
+            os.environ['TMPDIR'] = old_env
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_private_tmp_holds_mkdtemp(private_tmp):
+    assert Path(tempfile.mkdtemp()).parent == private_tmp  # mkdtemp inside a chapter lands in the private folder
+
+
 @pytest.mark.parametrize('notebook', [pytest.param(p, marks=[pytest.mark.cpu_path] if p.name in CPU_PATH else [])
                                       for p in NOTEBOOKS], ids=lambda p: p.name)
-def test_notebook(notebook):
+def test_notebook(notebook, private_tmp):
     skip = [flag for flag in ('cuda', 'slow') if flag not in FORCED]
     ok, seconds = nbt.test_nb(notebook, skip_flags=skip, basepath=ROOT)
     assert ok, f'{notebook.name} failed after {seconds:.1f}s (its traceback is in the captured stderr)'
