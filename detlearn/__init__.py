@@ -9,6 +9,25 @@ __all__ = ['create', 'pipeline', 'build_trainer']
 __version__ = "0.1.0"
 _all_ = ['create', 'pipeline', 'build_trainer']  # nbdev: imported names that belong in __all__
 
-from .models import create
-from .pipeline import pipeline
-from .recipes import build_trainer
+import importlib as _importlib
+import sys as _sys
+import types as _types
+
+
+def _front(name: str, module: str) -> property:
+    """A package attribute that imports `module` on first use and gives its `name`."""
+    def get(package):
+        return getattr(_importlib.import_module(module), name)
+
+    def ignore(package, value):  # the import system binds a submodule of the same name (detlearn.pipeline) here
+        pass
+    return property(get, ignore, doc=f'`{module}.{name}`')
+
+
+class _Package(_types.ModuleType):
+    create = _front('create', 'detlearn.models')
+    pipeline = _front('pipeline', 'detlearn.pipeline')
+    build_trainer = _front('build_trainer', 'detlearn.recipes')
+
+
+_sys.modules[__name__].__class__ = _Package

@@ -26,7 +26,7 @@ from torch import Tensor
 from .backbones.hgnetv2 import LearnableAffineBlock
 from .models import create
 from .models.yolox import YOLOX, YOLOXConfig
-from .utils import DetlearnError, usable_cpus
+from .utils import CheckFailedError, DetlearnError, MissingDependencyError, usable_cpus
 
 # %% ../nbs/53b_bench_speed.ipynb #c442355f
 def import_official_yolox(official_dir: str | Path,  # a checkout of Megvii-BaseDetection/YOLOX
@@ -45,7 +45,7 @@ def import_official_yolox(official_dir: str | Path,  # a checkout of Megvii-Base
         importlib.import_module('yolox.models')
         return importlib.import_module('yolox')
     except ModuleNotFoundError as e:  # its utils import loguru, thop, tabulate, cv2 ... even for a forward pass
-        raise DetlearnError(f"the official YOLOX needs the package {e.name!r} to import; install its "
+        raise MissingDependencyError(f"the official YOLOX needs the package {e.name!r} to import; install its "
                             f"requirements (pip install -r {root / 'requirements.txt'}) here") from None
     finally:
         sys.path.remove(str(root))
@@ -163,7 +163,7 @@ def bench_yolox_vs_official(official_dir: str | Path,  # a checkout of the offic
         want = official(images)
         for name, model in (('detlearn', ours), ('detlearn fused', fused)):
             if not torch.allclose(model(images)['decoded'], want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
-                raise DetlearnError(f"{name} does not reproduce the official outputs: not comparing their speed")
+                raise CheckFailedError(f"{name} does not reproduce the official outputs: not comparing their speed")
     models = {'official': official, 'official fused': official_fused, 'detlearn': ours, 'detlearn fused': fused}
     info = machine_info()
     print(f"{preset} at {img_size}×{img_size}, batch 1, eval forward; {info['cpu']} ({info['cores']} cores), "
@@ -180,9 +180,10 @@ def add_speed_parser(sub):
     p = sub.add_parser('speed', help="YOLOX forward time vs the official implementation (needs its checkout)")
     p.add_argument('--official-dir', required=True, help='checkout of github.com/Megvii-BaseDetection/YOLOX')
     p.add_argument('--model', default='yolox_s', help='a YOLOX preset')
-    p.add_argument('--img-size', type=int, default=640)
+    p.add_argument('--img-size', type=int, default=640, help='square input size')
     p.add_argument('--repeats', type=int, default=20, help='interleaved rounds per thread count')
-    p.add_argument('--threads', type=int, nargs='+', default=[1, 2])
+    p.add_argument('--threads', type=int, nargs='+', default=[1, 2], help='torch thread counts to '
+                   'time, each in turn')
 
 
 def cmd_speed(args) -> int:
@@ -227,7 +228,7 @@ def bench_deploy(preset: str = 'dfine_s', img_size: int = 640,
     images = torch.rand(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
     with torch.inference_mode():
         if not same_outputs(converted(images), model(images)):
-            raise DetlearnError(f"{preset}: the converted model's outputs differ from eval mode's; not timing it")
+            raise CheckFailedError(f"{preset}: the converted model's outputs differ from eval mode's; not timing it")
     info = machine_info()
     print(f"{preset} at {img_size}×{img_size}, batch 1, forward; {info['cpu']} ({info['cores']} cores), "
           f"torch {info['torch']}, {info['date']}; median of {repeats} interleaved rounds; ratio = / eval")
@@ -242,9 +243,10 @@ def add_deploy_parser(sub):
     """Add `deploy` (a family's inference conversion vs eval mode) to the `detlearn bench` sub-parsers."""
     p = sub.add_parser('deploy', help="forward time after the family's inference conversion vs eval mode")
     p.add_argument('--model', default='dfine_s', help='a YOLOX or D-FINE preset')
-    p.add_argument('--img-size', type=int, default=640)
+    p.add_argument('--img-size', type=int, default=640, help='square input size')
     p.add_argument('--repeats', type=int, default=15, help='interleaved rounds per thread count')
-    p.add_argument('--threads', type=int, nargs='+', default=[1, 2])
+    p.add_argument('--threads', type=int, nargs='+', default=[1, 2], help='torch thread counts to '
+                   'time, each in turn')
 
 
 def cmd_deploy(args) -> int:

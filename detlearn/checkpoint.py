@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .utils import DetlearnError
+from .utils import DetlearnError, ModelFileError
 
 # %% ../nbs/01d_checkpoint.ipynb #be05ac97
 def rng_state() -> dict:
@@ -68,12 +68,12 @@ def load_checkpoint(path: str | Path, map_location='cpu') -> dict:
     import argparse
     path = Path(path)
     if not path.is_file():
-        raise DetlearnError(f"checkpoint {path} does not exist")
+        raise ModelFileError(f"checkpoint {path} does not exist")
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:
-            raise DetlearnError(f"could not read checkpoint {path}: {str(e).splitlines()[0]}") from None
+            raise ModelFileError(f"could not read checkpoint {path}: {str(e).splitlines()[0]}") from None
 
 # %% ../nbs/01d_checkpoint.ipynb #93c99af0
 def load_matching(model: nn.Module, state: dict) -> tuple[list, list]:

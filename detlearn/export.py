@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .boxes import box_cxcywh_to_xyxy
 from .testing import TOLERANCES
-from .utils import DetlearnError, install_command
+from .utils import CheckFailedError, DetlearnError, MissingDependencyError, install_command
 
 # %% ../nbs/55_export.ipynb #86ffae96
 class YOLOXOnnx(nn.Module):
@@ -104,7 +104,7 @@ def require_onnx() -> None:
     import importlib.util
     missing = [m for m in ('onnx', 'onnxruntime') if importlib.util.find_spec(m) is None]
     if missing:
-        raise DetlearnError(f"ONNX export needs {' and '.join(missing)}: {install_command('export')}")
+        raise MissingDependencyError(f"ONNX export needs {' and '.join(missing)}: {install_command('export')}")
 
 def run_onnx(path: str | Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Outputs of an ONNX file on `inputs` with onnxruntime (CPU)."""
@@ -180,7 +180,7 @@ def compare_outputs(names: tuple,  # the contract's output names
     """Scaled comparison of a file's outputs with PyTorch's, robust to the order of tied DETR scores."""
     for name, a, b in zip(names, got, expected):
         if a.shape != b.shape:
-            raise DetlearnError(f"on a batch of {len(b)}, onnxruntime gives {name} the shape {a.shape}, PyTorch "
+            raise CheckFailedError(f"on a batch of {len(b)}, onnxruntime gives {name} the shape {a.shape}, PyTorch "
                                 f"{b.shape}: tracing froze a size (read sizes with tensor.shape, not len())")
     out = dict(zip(names, zip(got, expected)))
     if set(names) == {'labels', 'boxes', 'scores'}:
@@ -315,12 +315,12 @@ def export_onnx(model: nn.Module,  # a detlearn detector (any device; a CPU copy
     except DetlearnError:
         raise
     except Exception as e:  # onnxruntime's own errors: often a batch size frozen into a Reshape by tracing
-        raise DetlearnError(f"onnxruntime cannot run {path.name} on a batch of 2: {e}") from None
+        raise CheckFailedError(f"onnxruntime cannot run {path.name} on a batch of 2: {e}") from None
     report = ExportReport(path, contract, *names, compare_outputs(names[1], got, expected, rel), rel)
     print(report.summary())
     if not report.ok:
         worst = next(c for c in report.checks if not c.ok)
-        raise DetlearnError(f"{path} (kept, for inspection): onnxruntime differs from PyTorch beyond rel={rel:g} on "
+        raise CheckFailedError(f"{path} (kept, for inspection): onnxruntime differs from PyTorch beyond rel={rel:g} on "
                             f"{worst.line()}. Usually the trace froze a value or a size that depends on the input; "
                             f"if you accept the difference, export again with rel= (CLI: --rel) or check=False "
                             f"(CLI: --no-check).")

@@ -24,7 +24,7 @@ from torch import Tensor
 from .models import create, family_of
 from .models.family import OfficialFormat
 from .checkpoint import checkpoint_weights, load_checkpoint, load_matching
-from .utils import DetlearnError
+from .utils import DetlearnError, ModelFileError
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def load_official_state_dict(model: nn.Module,  # a model of the file's family
                 [('unexpected tensors', unexpected), ('missing tensors', missing),
                  ('wrong shapes (checkpoint vs model)', wrong)] if names]
     if problems:
-        raise DetlearnError(f"the checkpoint does not fit {type(model).__name__}: " + '; '.join(problems) +
+        raise ModelFileError(f"the checkpoint does not fit {type(model).__name__}: " + '; '.join(problems) +
                             '. Is it a checkpoint of this preset (e.g. yolox_s.pth for yolox_s)?')
     model.load_state_dict({k: v for k, v in sd.items() if k not in skipped}, strict=False)
     return skipped
@@ -98,7 +98,7 @@ def load_weights(model: nn.Module,  # a detlearn model
     if 'format' in ckpt:  # a detlearn checkpoint: same names, maybe another class count
         _, reinit = load_matching(model, state)
         if len(reinit) == len(model.state_dict()):
-            raise DetlearnError(f"no tensor of {path} fits this model: is it a checkpoint of another architecture?")
+            raise ModelFileError(f"no tensor of {path} fits this model: is it a checkpoint of another architecture?")
     else:  # an official file: strict loading through the family's name mapping
         reinit = load_official_state_dict(model, official_format(model).read(Path(path)))
     if verbose and reinit:

@@ -26,7 +26,7 @@ from .models import FAMILIES, create, family_of, find_family, list_models
 from .models.family import replace_config_fields
 from .models.yolox import yolox_postprocess
 from .models.family import empty_target
-from .utils import DetlearnError, install_command
+from .utils import DataError, DetlearnError, MissingDependencyError, ModelFileError, install_command
 
 # %% ../nbs/52_pipeline.ipynb #fc289ccb
 MAX_DOWNLOAD_BYTES = 50 * 2**20  # 50 MiB: far above any photo, small enough to refuse a video or an archive
@@ -42,14 +42,14 @@ def download_image(url: str,  # http(s) URL of an image file
             if int(response.headers.get('Content-Length') or 0) > max_bytes: raise too_big  # before reading
             data = response.read(max_bytes + 1)  # a server may omit or understate the length
     except (urllib.error.URLError, OSError, ValueError) as e:
-        raise DetlearnError(f"Could not download {url}: {getattr(e, 'reason', e)}") from None
+        raise DataError(f"Could not download {url}: {getattr(e, 'reason', e)}") from None
     if len(data) > max_bytes: raise too_big
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()  # decode now, so a truncated download fails here
             return pil_to_rgb(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise DetlearnError(f"{url} did not return a readable image.") from None
+        raise DataError(f"{url} did not return a readable image.") from None
 
 # %% ../nbs/52_pipeline.ipynb #580cb00c
 def _array_to_rgb(image: np.ndarray) -> np.ndarray:
@@ -112,7 +112,7 @@ def build_from_checkpoint(ckpt: dict, preset: str | None, source: str | Path) ->
         cat_ids = [int(c) for c in ckpt.get('cat_ids') or range(1, len(names) + 1)]
         return LoadedModel(model, names, cat_ids, meta.get('img_size'))
     if preset is None:
-        raise DetlearnError(f"{source} does not say which model it holds (no meta.model_name / class_names): it "
+        raise ModelFileError(f"{source} does not say which model it holds (no meta.model_name / class_names): it "
                             "is probably an official file; pass its preset too, e.g. "
                             "pipeline('image-object-detection', model='yolox_s', weights=path).")
     fmt = official_format(preset)
@@ -150,14 +150,15 @@ class OnnxDetector(nn.Module):
         try:
             import onnxruntime
         except ImportError:
-            raise DetlearnError(f"running an .onnx file needs onnxruntime: {install_command('export')}") from None
+            raise MissingDependencyError(f"running an .onnx file needs onnxruntime: "
+                                         f"{install_command('export')}") from None
         opts = onnxruntime.SessionOptions()
         if threads: opts.intra_op_num_threads = threads
         self.path = Path(path)
         self.session = onnxruntime.InferenceSession(str(path), opts, providers=['CPUExecutionProvider'])
         meta = self.session.get_modelmeta().custom_metadata_map
         if 'detlearn_family' not in meta:
-            raise DetlearnError(f"{path} has no detlearn metadata (detlearn_family): it was not written by "
+            raise ModelFileError(f"{path} has no detlearn metadata (detlearn_family): it was not written by "
                                 "`detlearn export` (or by an older version); export it again with detlearn export.")
         self.family = FAMILIES[meta['detlearn_family']]
         if self.family.name == 'dino':
@@ -200,7 +201,7 @@ def official_weights(preset: str) -> Path:
     try:
         return hub.weights_path_for(preset)
     except hub.NetworkError as e:
-        raise DetlearnError(f"{e}. This machine seems offline: download {hub.official_weights_url(preset)} "
+        raise ModelFileError(f"{e}. This machine seems offline: download {hub.official_weights_url(preset)} "
                             "elsewhere and pass weights=PATH (the official .pth or a detlearn checkpoint).") from None
 
 

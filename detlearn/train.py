@@ -218,11 +218,13 @@ class StepEngine:
 
 # %% ../nbs/50c_train.ipynb #63c1bd15
 @torch.no_grad()
-def predict_dataset(model: nn.Module, loader, device, amp_dtype=None) -> dict:
-    """{image_id: postprocessed prediction (boxes xyxy original pixels, scores, labels) on CPU}."""
+def predict_dataset(model: nn.Module, loader, device, amp_dtype=None, progress: bool = False) -> dict:
+    """{image_id: postprocessed prediction (boxes xyxy original pixels, scores, labels) on CPU}; `progress`: a bar
+    over the loader's batches (`detlearn eval` on COCO val2017 is 5,000 images)."""
+    from tqdm.auto import tqdm
     model.eval()
     preds = {}
-    for images, masks, targets in loader:
+    for images, masks, targets in tqdm(loader, desc='predict', unit='batch', disable=not progress, leave=False):
         images = images.to(device)
         masks = masks.to(device) if masks is not None else None
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):

@@ -91,14 +91,14 @@ def test_data_check_broken_dataset(tmp_path):
 def test_user_mistakes_are_one_line(tmp_path):
     r = detlearn('train', '--model', 'yolox_nano', '--train-ann', tmp_path / 'missing.json', '--train-images', tmp_path,
                  cwd=tmp_path, ok=False)
-    assert r.returncode == 2 and 'Traceback' not in r.stderr
+    assert r.returncode == 3 and 'Traceback' not in r.stderr  # the data
     assert r.stderr.strip().count('\n') == 0 and 'missing.json does not exist' in r.stderr
     r = detlearn('eval', '--checkpoint', tmp_path / 'nope.pth', '--ann', SHAPES / 'val.json', '--images', SHAPES / 'val',
                  cwd=tmp_path, ok=False)
-    assert r.returncode == 2 and 'does not exist' in r.stderr and 'Traceback' not in r.stderr
+    assert r.returncode == 4 and 'does not exist' in r.stderr and 'Traceback' not in r.stderr  # a model file
     r = detlearn('train', '--model', 'yolox_nano', '--train-ann', SHAPES / 'val.json', '--train-images', SHAPES / 'val',
                  '--img-size', 64, 'loop.epoch=1', cwd=tmp_path, ok=False)
-    assert r.returncode == 2 and "unknown setting 'loop.epoch'" in r.stderr
+    assert r.returncode == 2 and "unknown setting 'loop.epoch'" in r.stderr  # usage
 
 
 @pytest.mark.parametrize('source', ['official', 'detlearn'])
@@ -148,7 +148,7 @@ def test_predict_skips_corrupt_images_and_says_so(run, tmp_path):
         shutil.copy(SHAPES / 'val' / name, folder / name)
     (folder / 'broken.jpg').write_bytes(b'\xff\xd8\xff not really a jpeg')
     r = detlearn('predict', '--checkpoint', d / 'run' / 'last.pth', folder, '--out', tmp_path / 'out', cwd=d, ok=False)
-    assert r.returncode == 1, r.stderr[-2000:]
+    assert r.returncode == 3, r.stderr[-2000:]  # the data (the readable images are done)
     assert 'broken.jpg' in r.stderr and 'skipped' in r.stderr  # reported with its reason, listed at the end
     results = json.loads((tmp_path / 'out' / 'predictions.json').read_text())
     assert {x['file_name'] for x in results} <= {p.name for p in folder.iterdir()} - {'broken.jpg'}
@@ -189,7 +189,7 @@ def test_export_without_onnx_names_the_extra(tmp_path):
             "from detlearn.cli import main; sys.exit(main(sys.argv[1:]))")
     r = subprocess.run([sys.executable, '-c', code, 'export', '--model', 'yolox_nano', '--weights', 'w.pth',
                         '--out', 'x.onnx'], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and r.stdout == '', r.stderr
+    assert r.returncode == 5 and r.stdout == '', r.stderr  # missing software
     assert r.stderr.splitlines() == ['detlearn: error: ONNX export needs onnx and onnxruntime: '
                                      'pip install "detlearn[export] @ git+https://github.com/detlearn/detlearn"']
 
@@ -219,3 +219,71 @@ def test_second_train_into_a_run_is_refused(run):
     assert r.returncode == 2 and r.stderr.splitlines() == [
         'detlearn: error: run already holds a training run: give another --work-dir, --exist-ok to overwrite it, '
         'or -r run/last.pth to resume it'], r.stderr
+
+
+def _imported_after(args: list, tmp_path) -> list:
+    """Which heavy modules `detlearn ARGS` (its help or version) imported."""
+    code = ("import sys\nfrom detlearn.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print([m for m in ('torch', 'numpy', 'cv2', 'pycocotools') if m in sys.modules])")
+    r = subprocess.run([sys.executable, '-c', code, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    return json.loads(r.stdout.splitlines()[-1].replace("'", '"'))
+
+
+def test_help_answers_without_importing_torch(tmp_path):
+    """`detlearn --help` (and a built-in command's help) parses without torch: it answers at once."""
+    for args in (['--help'], ['--version'], ['train', '--help'], ['eval', '--help'], ['data', 'check', '--help']):
+        assert _imported_after(args, tmp_path) == [], args
+    assert 'torch' in _imported_after(['bench', '--help'], tmp_path)  # the check can fail: bench's chapter needs torch
+
+
+def test_every_option_has_help_and_every_command_examples():
+    import argparse
+    import shlex
+    from detlearn.cli import EXAMPLES, EXTERNAL_COMMANDS, build_parser, command_parsers
+    parser = build_parser()
+    paths = {' '.join(path): p for path, p in command_parsers(parser)}
+    for name, p in paths.items():
+        if not name:
+            continue
+        assert EXAMPLES.get(name), f'detlearn {name} has no examples'
+        assert p.format_help().rstrip().endswith(EXAMPLES[name][-1]), name  # the help ends with them
+        for a in p._actions:
+            if isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            assert a.help, f'detlearn {name} {a.option_strings or a.dest} has no help'
+            if a.option_strings and a.default not in (None, False):
+                assert 'default' in p._get_formatter()._get_help_string(a), (name, a.option_strings)
+    assert set(EXAMPLES) <= set(paths), set(EXAMPLES) - set(paths)
+    for name, lines in EXAMPLES.items():
+        for line in lines:
+            words = shlex.split(line)
+            assert words[0] == 'detlearn' and ' '.join(words[1:]).startswith(name), line
+            parser.parse_args(words[1:])  # each example is a valid command line (argparse exits on a bad one)
+    light = build_parser(load=[])  # what `detlearn --help` lists for commands it does not load
+    for name, (*_, text) in EXTERNAL_COMMANDS.items():
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        light_sub = next(a for a in light._actions if isinstance(a, argparse._SubParsersAction))
+        full = next(c.help for c in sub._choices_actions if c.dest == name)
+        assert full == text == next(c.help for c in light_sub._choices_actions if c.dest == name), name
+
+
+def test_exit_status_table_is_in_the_help():
+    from detlearn.utils import EXIT_CODES
+    r = subprocess.run([sys.executable, '-m', 'detlearn', '--help'], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0
+    for code, text in EXIT_CODES.items():
+        assert f'{code:<4} {text}' in r.stdout, code
+
+
+def test_a_check_that_fails_has_its_own_status(tmp_path):
+    """An export whose check finds a difference: status 6, one line, the file kept."""
+    from detlearn.models import create
+    pytest.importorskip('onnxruntime')
+    torch.manual_seed(0)
+    model = create('yolox_nano')
+    torch.save(model.state_dict(), tmp_path / 'w.pth')
+    r = detlearn('export', '--model', 'yolox_nano', '--weights', tmp_path / 'w.pth', '--img-size', 64, '--out',
+                 tmp_path / 'm.onnx', '--rel', '1e-12', cwd=tmp_path, ok=False)
+    assert r.returncode == 6 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().count('\n') == 0 and '(kept, for inspection)' in r.stderr
+    assert (tmp_path / 'm.onnx').is_file()

@@ -19,7 +19,7 @@ import torch
 
 from ..data.coco import collate_detection, load_coco_json
 from ..models.family import Internals, empty_target
-from ..utils import DetlearnError, install_command
+from ..utils import DataError, DetlearnError, MissingDependencyError, install_command
 
 # %% ../../nbs/56_integrations_fiftyone.ipynb #7267c491
 def import_fiftyone():
@@ -28,7 +28,7 @@ def import_fiftyone():
     try:
         import fiftyone
     except ImportError:
-        raise DetlearnError(f"the FiftyOne integration needs fiftyone: {install_command('viz')}") from None
+        raise MissingDependencyError(f"the FiftyOne integration needs fiftyone: {install_command('viz')}") from None
     return fiftyone
 
 # %% ../../nbs/56_integrations_fiftyone.ipynb #512ba74a
@@ -200,7 +200,7 @@ def _predictions(data: dict, images_dir: Path, checkpoint, predictions, score_th
         return predict_images(checkpoint, data, images_dir, score_threshold, internals)
     if predictions is None: return None, {}
     if isinstance(predictions, (str, Path)):
-        if not Path(predictions).is_file(): raise DetlearnError(f"predictions file not found: {predictions}")
+        if not Path(predictions).is_file(): raise DataError(f"predictions file not found: {predictions}")
         predictions = json.loads(Path(predictions).read_text())
     return group_results([p for p in predictions if p['score'] >= score_threshold], data), {}
 
@@ -218,7 +218,7 @@ def to_fiftyone(ann: str | Path,  # COCO annotation file (ground truth)
     """Ground truth + predictions (class names) as a FiftyOne dataset, evaluated with FiftyOne's COCO method."""
     fo = import_fiftyone()
     data, images_dir = load_coco_json(ann), Path(images)
-    if not images_dir.is_dir(): raise DetlearnError(f"images folder not found: {images_dir}")
+    if not images_dir.is_dir(): raise DataError(f"images folder not found: {images_dir}")
     preds, gt_attributes = _predictions(data, images_dir, checkpoint, predictions, score_threshold, internals)
     if preds is not None: preds = top_detections(preds, max_detections)
     dataset = fo.Dataset(name or f'detlearn-{Path(ann).stem}', overwrite=True, persistent=persistent)
@@ -250,7 +250,7 @@ def add_fiftyone_parser(sub):
     p.add_argument('--name', help="dataset name (default: detlearn-<ann stem>); an existing one is replaced")
     p.add_argument('--score-threshold', type=float, default=0.0, help='drop predictions below this score')
     p.add_argument('--max-detections', type=int, default=100, help='per image, the best by score (COCO: 100)')
-    p.add_argument('--port', type=int, default=5151)
+    p.add_argument('--port', type=int, default=5151, help="the App's port")
     p.add_argument('--address', default='127.0.0.1', help='serve the App here (default: this machine only)')
     p.add_argument('--no-launch', action='store_true', help='build and evaluate the dataset, do not serve the App')
     p.add_argument('--no-internals', action='store_true',
