@@ -141,3 +141,12 @@ def test_colab_install_cell_installs_detlearn(tmp_path):
     run([bin_ / 'python', script], cwd=tmp_path, env={**os.environ, 'PIP_DISABLE_PIP_VERSION_CHECK': '1'})
     out = run([bin_ / 'python', '-c', 'import detlearn, cupy; print(detlearn.__file__)'], cwd=tmp_path)
     assert Path(out.stdout.strip()).is_relative_to(tmp_path / 'env'), out.stdout
+
+
+def test_smoke_tests_pass_in_the_fresh_environment(installed, tmp_path):
+    """tests/smoke_installed.py, copied outside the checkout and run by the fresh environment's pytest."""
+    (tmp_path / 'test_smoke.py').write_text((ROOT / 'tests' / 'smoke_installed.py').read_text())
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    out = run([installed / 'python', '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-p', 'no:xdist', 'test_smoke.py'],
+              cwd=tmp_path, env=env)
+    assert '3 passed' in out.stdout, out.stdout[-2000:]
