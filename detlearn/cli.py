@@ -334,7 +334,7 @@ def cmd_data(args) -> int:
     """`detlearn data check|convert` (the dataset doctor of `detlearn.data.doctor`)."""
     from detlearn.data.doctor import main_check, main_convert
     if args.data_cmd == 'check':
-        return main_check(args.ann, args.images, decode=not args.no_decode)
+        return main_check(args.ann, args.images, decode=not args.no_decode, progress=show_progress(args))
     return main_convert(args.format, args.out, args.images, args.labels, args.classes)
 
 

@@ -84,7 +84,7 @@ def test_data_check_broken_dataset(tmp_path):
     data['annotations'][1]['category_id'] = 99                  # unknown category
     (tmp_path / 'bad.json').write_text(json.dumps(data))
     r = detlearn('data', 'check', tmp_path / 'bad.json', '--images', SHAPES / 'val', cwd=tmp_path, ok=False)
-    assert r.returncode != 0 and 'Traceback' not in r.stdout + r.stderr
+    assert r.returncode == 3 and 'Traceback' not in r.stdout + r.stderr
     assert 'error' in (r.stdout + r.stderr).lower()
 
 
@@ -134,7 +134,7 @@ def test_training_refuses_a_broken_dataset_unless_told_to_drop(tmp_path):
     args = ('train', '--model', 'yolox_nano', '--train-ann', tmp_path / 'bad.json', '--train-images', SHAPES / 'train',
             '--epochs', 1, '--img-size', 64, '--batch-size', 16, '--workers', 0, '--work-dir', 'run', '--no-progress')
     r = detlearn(*args, cwd=tmp_path, ok=False)
-    assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 3 and 'Traceback' not in r.stderr, r.stderr[-2000:]
     assert 'bad.json' in r.stderr and str(bad_id) in r.stderr  # the doctor's report names the file and the annotation
     r = detlearn(*args, '--drop-bad-annotations', cwd=tmp_path)
     assert 'dropped 1 annotations' in r.stderr and (tmp_path / 'run' / 'last.pth').exists()

@@ -342,10 +342,10 @@ def test_main_check_exit_codes(good, capsys):
     tmp_path, data = good
     assert main_check(write(tmp_path, data), tmp_path) == 0
     data['annotations'][0]['category_id'] = 5
-    assert main_check(write(tmp_path, data, 'bad.json'), tmp_path) == 1
+    assert main_check(write(tmp_path, data, 'bad.json'), tmp_path) == 3  # the data (DataError.exit_code)
     assert 'unknown_category' in capsys.readouterr().out
     (tmp_path / 'junk.json').write_text('nope')
-    assert main_check(tmp_path / 'junk.json', tmp_path) == 2
+    assert main_check(tmp_path / 'junk.json', tmp_path) == 3
     err = capsys.readouterr().err
     assert 'junk.json is not valid JSON' in err and 'Traceback' not in err
 

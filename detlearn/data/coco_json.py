@@ -13,7 +13,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..utils import DetlearnError
+from ..utils import DataError
 
 # %% ../../nbs/02_data_coco_json.ipynb #28d3566f
 def _to_rgb_uint8(im: Image.Image) -> np.ndarray:
@@ -41,7 +41,7 @@ def load_image(path: Union[str, Path],  # an image file (JPEG, PNG, BMP, TIFF, W
     """Read an image as a person sees it: EXIF orientation applied, converted to RGB uint8."""
     path = Path(path)
     if not path.is_file():
-        raise DetlearnError(
+        raise DataError(
             f"Image file not found: {path}. Check the images folder and the file_name in the annotations."
         )
     try:
@@ -49,7 +49,7 @@ def load_image(path: Union[str, Path],  # an image file (JPEG, PNG, BMP, TIFF, W
             im.load()  # decode now, so a truncated file fails here with its name
             return pil_to_rgb(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DetlearnError(
+        raise DataError(
             f"Cannot decode image {path}: {e}. The file is corrupt, truncated or not an image; "
             "re-export or re-download it, or run `detlearn data check` to list all such files."
         ) from e
@@ -72,23 +72,23 @@ def load_coco_json(ann_file: Union[str, Path]) -> dict:
     """Read a COCO annotation file with clear errors for a missing file, bad JSON or missing keys."""
     ann_file = Path(ann_file)
     if not ann_file.is_file():
-        raise DetlearnError(f"Annotation file not found: {ann_file}")
+        raise DataError(f"Annotation file not found: {ann_file}")
     try:
         data = json.loads(ann_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DetlearnError(f"{ann_file} is not valid JSON ({e}). Fix the file; a COCO file is one "
+        raise DataError(f"{ann_file} is not valid JSON ({e}). Fix the file; a COCO file is one "
                             "JSON object with 'images', 'annotations' and 'categories' lists.") from e
     if not isinstance(data, dict):
-        raise DetlearnError(f"{ann_file}: expected a JSON object at the top, got {type(data).__name__}")
+        raise DataError(f"{ann_file}: expected a JSON object at the top, got {type(data).__name__}")
     data.setdefault('annotations', [])  # image-info files (COCO test-dev) have no annotations
     for section, keys in _REQUIRED.items():
         if not isinstance(data.get(section), list):
-            raise DetlearnError(f"{ann_file}: missing the '{section}' list. "
+            raise DataError(f"{ann_file}: missing the '{section}' list. "
                                 "A COCO file needs 'images', 'annotations' and 'categories'.")
         for i, item in enumerate(data[section]):
             missing = [k for k in keys if k not in item]
             if missing:
-                raise DetlearnError(f"{ann_file}: {section}[{i}] lacks key(s) {missing} "
+                raise DataError(f"{ann_file}: {section}[{i}] lacks key(s) {missing} "
                                     f"(it has {sorted(item)}). Each '{section}' entry needs {list(keys)}.")
     for a in data['annotations']:
         a.setdefault('iscrowd', 0)

@@ -12,24 +12,24 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from .coco_json import read_image_size
-from ..utils import DetlearnError
+from ..utils import DataError, DetlearnError
 
 # %% ../../nbs/03_data_convert.ipynb #9ad06848
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 def _image_files(images_dir: Path) -> list:
     if not images_dir.is_dir():
-        raise DetlearnError(f"Images folder not found: {images_dir}")
+        raise DataError(f"Images folder not found: {images_dir}")
     files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise DetlearnError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in {images_dir}")
+        raise DataError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in {images_dir}")
     return files
 
 def _read_class_names(class_names: Union[Sequence[str], str, Path]) -> list:
     if isinstance(class_names, (str, Path)):
         path = Path(class_names)
         if not path.is_file():
-            raise DetlearnError(f"Class names file not found: {path} (one name per line)")
+            raise DataError(f"Class names file not found: {path} (one name per line)")
         return [line.strip() for line in path.read_text().splitlines() if line.strip()]
     return list(class_names)
 
@@ -52,17 +52,17 @@ def _parse_yolo_line(line: str, where: str, n_classes: int) -> tuple:
     parts = line.split()
     if len(parts) != 5:
         hint = ' (a segmentation polygon? only boxes are supported)' if len(parts) > 5 else ''
-        raise DetlearnError(f"{where}: expected 'class cx cy w h', got {len(parts)} fields{hint}: {line!r}")
+        raise DataError(f"{where}: expected 'class cx cy w h', got {len(parts)} fields{hint}: {line!r}")
     try:
         cls, vals = int(parts[0]), [float(v) for v in parts[1:]]
     except ValueError:
-        raise DetlearnError(f"{where}: not numbers: {line!r}") from None
+        raise DataError(f"{where}: not numbers: {line!r}") from None
     if not 0 <= cls < n_classes:
-        raise DetlearnError(
+        raise DataError(
             f"{where}: class {cls} is outside 0..{n_classes - 1} ({n_classes} class names given)"
         )
     if any(v < -0.01 or v > 1.01 for v in vals):
-        raise DetlearnError(f"{where}: values must be normalised to [0, 1] (pixels given?): {line!r}")
+        raise DataError(f"{where}: values must be normalised to [0, 1] (pixels given?): {line!r}")
     return cls, *vals
 
 # %% ../../nbs/03_data_convert.ipynb #6af4ebcd
@@ -75,7 +75,7 @@ def yolo_to_coco(images_dir: Union[str, Path],  # images (any of IMAGE_SUFFIXES)
     """Convert YOLO txt labels to a COCO dict (category id = class index + 1); writes out_json if given."""
     images_dir, labels_dir, names = Path(images_dir), Path(labels_dir), _read_class_names(class_names)
     if not labels_dir.is_dir():
-        raise DetlearnError(f"Labels folder not found: {labels_dir}")
+        raise DataError(f"Labels folder not found: {labels_dir}")
     images, anns = [], []
     for image_id, path in enumerate(_image_files(images_dir), 1):
         h, w = read_image_size(path)
@@ -95,7 +95,7 @@ def yolo_to_coco(images_dir: Union[str, Path],  # images (any of IMAGE_SUFFIXES)
 def _xml_text(node: ET.Element, tag: str, where: Path) -> str:
     child = node.find(tag)
     if child is None or child.text is None:
-        raise DetlearnError(f"{where}: missing <{tag}>")
+        raise DataError(f"{where}: missing <{tag}>")
     return child.text.strip()
 
 def _parse_voc_xml(xml_file: Path) -> tuple:
@@ -103,7 +103,7 @@ def _parse_voc_xml(xml_file: Path) -> tuple:
     try:
         root = ET.parse(xml_file).getroot()
     except ET.ParseError as e:
-        raise DetlearnError(f"{xml_file} is not valid XML: {e}") from None
+        raise DataError(f"{xml_file} is not valid XML: {e}") from None
     filename = root.findtext('filename')
     size = root.find('size')
     wh = (
@@ -115,7 +115,7 @@ def _parse_voc_xml(xml_file: Path) -> tuple:
     for obj in root.findall('object'):
         box = obj.find('bndbox')
         if box is None:
-            raise DetlearnError(f"{xml_file}: an <object> has no <bndbox>")
+            raise DataError(f"{xml_file}: an <object> has no <bndbox>")
         corners = [float(_xml_text(box, t, xml_file)) for t in ('xmin', 'ymin', 'xmax', 'ymax')]
         objects.append(
             (_xml_text(obj, 'name', xml_file), int(obj.findtext('difficult', '0').strip() or 0), *corners)
@@ -130,7 +130,7 @@ def _voc_image(xml_file: Path, filename: Optional[str], images_dir: Path) -> Pat
     for suffix in IMAGE_SUFFIXES:
         if (images_dir / f'{xml_file.stem}{suffix}').is_file():
             return images_dir / f'{xml_file.stem}{suffix}'
-    raise DetlearnError(f"{xml_file}: image {filename or xml_file.stem + '.*'} not found in {images_dir}")
+    raise DataError(f"{xml_file}: image {filename or xml_file.stem + '.*'} not found in {images_dir}")
 
 def voc_to_coco(xml_dir: Union[str, Path],  # Pascal VOC .xml files (Annotations/)
                 images_dir: Union[str, Path],  # the images (JPEGImages/)
@@ -145,7 +145,7 @@ def voc_to_coco(xml_dir: Union[str, Path],  # Pascal VOC .xml files (Annotations
     xml_dir, images_dir = Path(xml_dir), Path(images_dir)
     xml_files = sorted(xml_dir.glob('*.xml')) if xml_dir.is_dir() else []
     if not xml_files:
-        raise DetlearnError(f"No .xml files in {xml_dir}")
+        raise DataError(f"No .xml files in {xml_dir}")
     parsed = [(f, *_parse_voc_xml(f)) for f in xml_files]
     names = (
         _read_class_names(class_names)
@@ -159,7 +159,7 @@ def voc_to_coco(xml_dir: Union[str, Path],  # Pascal VOC .xml files (Annotations
         images.append({'id': image_id, 'file_name': path.name, 'width': w, 'height': h})
         for name, is_difficult, xmin, ymin, xmax, ymax in objects:
             if name not in names:
-                raise DetlearnError(f"{xml_file}: class {name!r} is not in class_names {names}")
+                raise DataError(f"{xml_file}: class {name!r} is not in class_names {names}")
             if is_difficult and difficult == 'drop':
                 continue
             # 1-based inclusive -> continuous

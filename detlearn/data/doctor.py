@@ -17,7 +17,7 @@ from typing import Optional, Union
 from PIL import Image, UnidentifiedImageError
 
 from .coco_json import load_coco_json, read_image_size
-from ..utils import DetlearnError
+from ..utils import DataError, DetlearnError
 
 # %% ../../nbs/04_data_doctor.ipynb #b6dec999
 PROBLEM_KINDS = {  # kind: (severity, how to fix)
@@ -66,7 +66,7 @@ class Problem:
         return PROBLEM_KINDS[self.kind][0]
 
 # %% ../../nbs/04_data_doctor.ipynb #4b690598
-class DatasetError(DetlearnError):
+class DatasetError(DataError):
     """A dataset that failed the dataset doctor's checks; the message is the full report."""
 
 class DatasetReport:
@@ -214,6 +214,7 @@ def check_dataset(ann_file: Union[str, Path, dict],  # a COCO json file, or its 
                   decode: bool = True,
                   tolerance: float = 1.0,  # pixels a box may leave the image before it is an error
                   ann_name: Optional[str] = None,  # name shown in the report when ann_file is a dict
+                  progress: bool = False,  # a bar over the images (COCO train2017: 118k files)
                  ) -> DatasetReport:
     """Check a COCO dataset per image and annotation: a DatasetReport (raises only on unreadable json)."""
     data = ann_file if isinstance(ann_file, dict) else load_coco_json(ann_file)
@@ -223,7 +224,8 @@ def check_dataset(ann_file: Union[str, Path, dict],  # a COCO json file, or its 
     images = {img['id']: img for img in data['images']}
     cat_ids = {c['id'] for c in data['categories']}
     n_objects = Counter(a['image_id'] for a in data['annotations'] if not a.get('iscrowd', 0))
-    for img in data['images']:
+    from tqdm.auto import tqdm
+    for img in tqdm(data['images'], desc='check images', unit='img', disable=not progress, leave=False):
         problems += _check_file(img, images_dir, decode)
         if n_objects[img['id']] == 0:
             where = dict(file_name=img['file_name'], image_id=img['id'])
@@ -258,15 +260,16 @@ def drop_bad_annotations(coco_dict: dict,  # a loaded COCO dataset (not modified
 
 # %% ../../nbs/04_data_doctor.ipynb #9c5e1d9c
 def main_check(ann_file: Union[str, Path], images_dir: Union[str, Path], decode: bool = True,
-               max_rows: int = 10) -> int:
-    """CLI body of `detlearn data check`: print the report; exit 1 on dataset errors, 2 on bad input."""
+               max_rows: int = 10, progress: bool = False) -> int:
+    """CLI body of `detlearn data check`: print the report; the exit status is 0, or 3 (`DataError.exit_code`)
+    when the dataset has errors or cannot be read."""
     try:
-        report = check_dataset(ann_file, images_dir, decode=decode)
+        report = check_dataset(ann_file, images_dir, decode=decode, progress=progress)
     except DetlearnError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"detlearn: error: {e}", file=sys.stderr)
+        return e.exit_code
     print(report.format(max_rows=max_rows))
-    return 0 if report.ok else 1
+    return 0 if report.ok else DataError.exit_code
 
 def main_convert(fmt: str,  # 'yolo' or 'voc'
                  out_json: Union[str, Path], images_dir: Union[str, Path],
@@ -288,8 +291,8 @@ def main_convert(fmt: str,  # 'yolo' or 'voc'
         else:
             raise DetlearnError(f"unknown format {fmt!r}: use 'yolo' or 'voc'")
     except DetlearnError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"detlearn: error: {e}", file=sys.stderr)
+        return e.exit_code
     print(f"wrote {out_json}: {len(data['images'])} images, {len(data['annotations'])} annotations, "
           f"{len(data['categories'])} categories")
     return main_check(out_json, images_dir, decode=False, max_rows=5)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..utils import DetlearnError, import_cv2, resource_dir
+from ..utils import DataError, DetlearnError, import_cv2, resource_dir
 
 cv2 = import_cv2()  # OpenCV, or one error that names clashing OpenCV wheels
 
@@ -302,6 +302,6 @@ def sample_dataset(name: str,               # 'shapes' or 'photos'
     root = resource_dir('data_samples')
     ann_file, images_dir = (root / p for p in splits[split])
     if not ann_file.is_file() or not images_dir.is_dir():
-        raise DetlearnError(f"Sample dataset {name!r} is missing its files at {ann_file} / {images_dir}; "
+        raise DataError(f"Sample dataset {name!r} is missing its files at {ann_file} / {images_dir}; "
                             "reinstall detlearn or restore data_samples/ in your checkout.")
     return ann_file, images_dir

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .msda_reference import _is_compiling, check_msda_inputs, ms_deform_attn_pytorch
-from ..utils import DetlearnError, resource_dir
+from ..utils import DetlearnError, MissingDependencyError, resource_dir
 
 # %% auto #0
 __all__ = ['KERNEL_FILE', 'COMPILE_OPTIONS', 'DTYPE_CODES', 'VECTOR_WIDTH', 'BLOCK', 'Launcher', 'default_launch',
@@ -104,7 +104,7 @@ def _import_cupy():
     try:
         import cupy
     except ImportError as e:
-        raise DetlearnError('The CUDA kernel needs CuPy: `pip install cupy-cuda12x` (CUDA 12) or '
+        raise MissingDependencyError('The CUDA kernel needs CuPy: `pip install cupy-cuda12x` (CUDA 12) or '
                             '`pip install cupy-cuda13x` (CUDA 13).') from e
     return cupy
 
