@@ -287,3 +287,34 @@ def test_a_check_that_fails_has_its_own_status(tmp_path):
     assert r.returncode == 6 and 'Traceback' not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().count('\n') == 0 and '(kept, for inspection)' in r.stderr
     assert (tmp_path / 'm.onnx').is_file()
+
+
+def _stderr_on_a_terminal(args: list, cwd) -> str:
+    """What `detlearn ARGS` writes to stderr when stderr is a terminal (a pseudo-terminal here)."""
+    import fcntl, pty, struct, termios
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack('HHHH', 24, 100, 0, 0))  # 24 x 100, as a terminal has
+    env = os.environ | {'OMP_NUM_THREADS': '1'}
+    r = subprocess.run([sys.executable, '-m', 'detlearn', *map(str, args)], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                       stderr=follower, timeout=300)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # the terminal is closed and drained
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(leader)
+    assert r.returncode == 0, r.stdout
+    return b''.join(chunks).decode(errors='replace')
+
+
+def test_progress_bars_on_a_terminal_only(tmp_path):
+    check = ['data', 'check', SHAPES / 'val.json', '--images', SHAPES / 'val']
+    assert 'check images' in _stderr_on_a_terminal(check, tmp_path)  # a bar on a terminal
+    assert 'check images' not in _stderr_on_a_terminal([*check, '--no-progress'], tmp_path)
+    r = detlearn(*check, cwd=tmp_path)  # stderr a pipe, as in a log file: no bar
+    assert 'check images' not in r.stderr and '%|' not in r.stderr
