@@ -41,7 +41,7 @@ def _add_train(sub):
     p.add_argument('--batch-size', type=int, help="images per optimiser step, all GPUs together (default: the "
                                                    "recipe's)")
     p.add_argument('--img-size', type=int, help="training input size (default: the recipe's, e.g. 640)")
-    p.add_argument('--seed', type=int, help="random seed (default: the recipe's, 42)")
+    p.add_argument('--seed', type=int, help="random seed (default: the recipe's, 0)")
     p.add_argument('--test-size', type=int, help='evaluation/inference size (default: the training size)')
     p.add_argument('-t', '--weights', help='start from these weights (fine-tuning; other class counts are fine)')
     p.add_argument('-r', '--resume', metavar='PATH|auto',
@@ -395,7 +395,7 @@ EXAMPLES = {  # command -> what `detlearn COMMAND --help` ends with
     'bench msda': ['detlearn bench msda'],
     'bench trainer': ['detlearn bench trainer --model yolox_nano --img-size 416 --batch-size 4'],
     'bench demo': ['detlearn bench demo'],
-    'bench shapes': ['detlearn bench shapes shapes_demo', 'detlearn bench shapes shapes_dfine_n --epochs 2'],
+    'bench shapes': ['detlearn bench shapes shapes_demo', 'detlearn bench shapes dfine_n_shapes --epochs 2'],
     'bench speed': ['detlearn bench speed --official-dir YOLOX/ --model yolox_s --threads 1 2 4'],
     'bench models': ['detlearn bench models', 'detlearn bench models --presets yolox_s dfine_s --no-memory'],
     'bench deploy': ['detlearn bench deploy --model dfine_s', 'detlearn bench deploy --model yolox_s --threads 4'],

@@ -240,6 +240,9 @@ def test_every_option_has_help_and_every_command_examples():
     import argparse
     import shlex
     from detlearn.cli import EXAMPLES, EXTERNAL_COMMANDS, build_parser, command_parsers
+    from detlearn.models import list_models
+    from detlearn.recipes import list_recipes
+    recipes, models = set(list_recipes()), set(list_models())
     parser = build_parser()
     paths = {' '.join(path): p for path, p in command_parsers(parser)}
     for name, p in paths.items():
@@ -258,7 +261,10 @@ def test_every_option_has_help_and_every_command_examples():
         for line in lines:
             words = shlex.split(line)
             assert words[0] == 'detlearn' and ' '.join(words[1:]).startswith(name), line
-            parser.parse_args(words[1:])  # each example is a valid command line (argparse exits on a bad one)
+            args = parser.parse_args(words[1:])  # each example is a valid command line (argparse exits on a bad one)
+            for option, known in (('recipe', recipes), ('model', models)):
+                value = getattr(args, option, None)
+                assert value is None or value in known, f'{line}: no {option} {value!r}'
     light = build_parser(load=[])  # what `detlearn --help` lists for commands it does not load
     for name, (*_, text) in EXTERNAL_COMMANDS.items():
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
