@@ -3,6 +3,7 @@ import atexit
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -17,12 +18,6 @@ def missing(what: str):
 @pytest.fixture(scope='module')
 def fo():
     """The fiftyone package, on a private database directory, without telemetry or progress bars."""
-    if 'FIFTYONE_DATABASE_DIR' not in os.environ:
-        # ~300 MB of MongoDB files per test process: removed at exit (registered before fiftyone is imported, so
-        # it runs after fiftyone's own exit handler has stopped the database)
-        folder = tempfile.mkdtemp(prefix='detlearn-fo-')
-        os.environ['FIFTYONE_DATABASE_DIR'] = folder
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
     os.environ['FIFTYONE_DO_NOT_TRACK'] = 'true'
     try:
         import fiftyone
@@ -32,9 +27,32 @@ def fo():
     return fiftyone
 
 
+def private_fiftyone_database():
+    """Every FiftyOne the suite starts (tests and chapters) uses a database of this run only: a user's own
+    datasets are never touched, and two runs on one machine cannot replace each other's datasets. The folder
+    (~300 MB of MongoDB files) is removed at exit; registered before fiftyone is imported, so that it runs after
+    fiftyone's own exit handler has stopped the database. Each pytest process (each xdist worker) has its own;
+    a FIFTYONE_DATABASE_DIR the user set is kept."""
+    owner = os.environ.get('DETLEARN_TEST_FO_OWNER')
+    if owner == str(os.getpid()) or ('FIFTYONE_DATABASE_DIR' in os.environ and owner is None):
+        return
+    # MongoDB may still write into the folder after the exit handler removed it (its shutdown outlives the
+    # process), so also sweep the folders of earlier runs whose process is gone
+    for stale in Path(tempfile.gettempdir()).glob('detlearn-fo-*'):
+        pid = stale.name.split('-')[2]
+        if pid.isdigit() and not Path(f'/proc/{pid}').exists():
+            shutil.rmtree(stale, ignore_errors=True)
+    folder = tempfile.mkdtemp(prefix=f'detlearn-fo-{os.getpid()}-')
+    os.environ['FIFTYONE_DATABASE_DIR'], os.environ['DETLEARN_TEST_FO_OWNER'] = folder, str(os.getpid())
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+
+
 def pytest_configure(config):
-    """DETLEARN_DETERMINISTIC=1: the whole suite under torch.use_deterministic_algorithms(True), as users who
+    """Private FiftyOne database (see above).
+
+DETLEARN_DETERMINISTIC=1: the whole suite under torch.use_deterministic_algorithms(True), as users who
     ask PyTorch for reproducibility run it (every op detlearn uses must then have a deterministic kernel)."""
+    private_fiftyone_database()
     config.addinivalue_line('markers', 'cpu_path: compares floats with stored references or depends on the CPU '
                                        'precision path; tools/test.sh runs these again on the other CPU path')
     if os.environ.get('DETLEARN_DETERMINISTIC') == '1':

@@ -53,7 +53,8 @@ def running_with(text: str) -> list[int]:
     return [p for p in pids if p != os.getpid()]
 
 
-def two_nodes(out: Path, kill_step: int, timeout: float = 240) -> list[str]:
+def two_nodes(out: Path, kill_step: int, timeout: float = 600) -> list[str]:
+    # the timeout only ends a hang: a run takes about a minute alone, but over 4 minutes on 2 busy cores
     """Start two torchrun agents for one job; wait for both; return their outputs."""
     out.mkdir(parents=True)
     env = os.environ | {'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(HERE)}
