@@ -7,6 +7,7 @@ __all__ = ['class_color', 'to_numpy', 'to_display_image', 'pixel_figure', 'figur
            'image_grid', 'save_detections', 'render_browser_view', 'DatasetBrowser']
 
 # %% ../nbs/08_viz.ipynb #02db45d6
+import base64
 import colorsys
 import io
 from pathlib import Path
@@ -260,4 +261,8 @@ class DatasetBrowser:
         self.index.value = (self.index.value + delta) % (self.index.max + 1)
 
     def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+        """The live widget, plus the current picture and caption for viewers that cannot run it."""
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        bundle['image/png'] = base64.b64encode(self.image.value).decode('ascii')
+        bundle['text/plain'] = f'DatasetBrowser: {self.info.value}'
+        return bundle

@@ -78,3 +78,25 @@ def test_layout_check_catches_forward_imports_and_circles(tmp_path):
 
 def layout_findings(check_layout, root):
     return check_layout.forward_imports(root), check_layout.circles(root)
+
+
+def test_widget_state_and_widget_pictures(tmp_path):
+    """Stored widget state is reported; so is a widget that a page without a kernel could not show."""
+    widget = {'output_type': 'display_data', 'metadata': {},
+              'data': {'application/vnd.jupyter.widget-view+json': {'model_id': 'x'}, 'text/plain': 'VBox()'}}
+    picture = {'output_type': 'display_data', 'metadata': {}, 'data': {'image/png': 'iVBORw0KGgo='}}
+
+    def code(*outputs):
+        return {'cell_type': 'code', 'source': 'w', 'metadata': {}, 'outputs': list(outputs)}
+    path = tmp_path / 'a.ipynb'
+    path.write_text(json.dumps({'cells': [code(), code(widget)], 'metadata': {}}))
+    assert check_notebooks.check_notebook(path) == [
+        "cell 1 ('w'): a widget with no picture of it in this cell or the 2 code cells before "
+        "(a page without a kernel shows nothing)"]
+    path.write_text(json.dumps({'cells': [code(picture), code(), code(widget)],
+                                'metadata': {'widgets': {'state': {}}}}))
+    assert check_notebooks.check_notebook(path) == [
+        'notebook metadata stores widget state: delete its "widgets" entry']
+    path.write_text(json.dumps({'cells': [code(), code(dict(widget, data={**widget['data'], **picture['data']}))],
+                                'metadata': {}}))
+    assert check_notebooks.check_notebook(path) == []

@@ -42,7 +42,7 @@ def process(src: str, dst: str, timeout: int = 120) -> tuple[str, list[str], flo
     signal.alarm(timeout)
     os.chdir(ROOT)  # nbdev finds settings.ini from the working directory
     os.environ['IN_TEST'] = '1'
-    problems = []
+    problems, caught = [], []
     try:
         from execnb.nbio import read_nb, write_nb
         from nbdev.processors import FilterDefaults
@@ -50,11 +50,6 @@ def process(src: str, dst: str, timeout: int = 120) -> tuple[str, list[str], flo
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter('always')
             FilterDefaults()(nb)
-        for w in caught:
-            if MIXED in str(w.message):
-                cell = str(w.message).split('---\n')[1].strip()
-                first = cell.splitlines()[0] if cell else ''
-                problems.append(f'a cell mixes imports with other code (it starts `{first[:80]}`)')
         write_nb(nb, dst)
     except Exception as e:  # noqa: BLE001  (every failure is reported, with its cause)
         cause = e.__cause__ or e
@@ -64,6 +59,11 @@ def process(src: str, dst: str, timeout: int = 120) -> tuple[str, list[str], flo
     finally:
         signal.alarm(0)
         os.environ.pop('IN_TEST', None)
+    for w in caught or []:  # also when the processing stopped: the mixed cell is usually why
+        if MIXED in str(w.message):
+            cell = str(w.message).split('---\n')[1].strip()
+            first = cell.splitlines()[0] if cell else ''
+            problems.append(f'a cell mixes imports with other code (it starts `{first[:80]}`)')
     return Path(src).name, problems, time.perf_counter() - start
 
 

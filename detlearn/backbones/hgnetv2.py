@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['HGNETV2_SIZES', 'DFINE_VARIANTS', 'LearnableAffineBlock', 'ConvBNAct', 'LightConvBNAct', 'pad_right_bottom',
-           'max_pool_2x2', 'StemBlock', 'HGBlock', 'HGStage', 'HGStageSpec', 'HGNetv2Config', 'hgnetv2_config',
+           'max_pool_2x2', 'StemBlock', 'HGStageSpec', 'HGBlock', 'HGStage', 'HGNetv2Config', 'hgnetv2_config',
            'dfine_variant', 'dfine_hgnetv2_config', 'freeze_batch_norm', 'HGNetv2']
 
 # %% ../../nbs/40_backbones_hgnetv2.ipynb #7195b547
@@ -97,6 +97,19 @@ class StemBlock(nn.Module):
         x = torch.cat([pool_branch, conv_branch], dim=1)  # (B, 2·C_mid, H/2, W/2): pool first, as officially
         return self.stem4(self.stem3(x))
 
+# %% ../../nbs/40_backbones_hgnetv2.ipynb #08429008
+@dataclass(frozen=True)
+class HGStageSpec:
+    """One HGNetv2 stage: channels, number of HG blocks, downsampling, conv type and layers per block."""
+    in_channels: int
+    mid_channels: int  # width of each conv inside an HG block
+    out_channels: int
+    num_blocks: int
+    downsample: bool  # depthwise 3×3 stride-2 conv first (stages 1–3)
+    light_block: bool  # 1×1 + depthwise k×k convs instead of plain k×k (stages 2–3)
+    kernel_size: int
+    layer_num: int  # convs per HG block
+
 # %% ../../nbs/40_backbones_hgnetv2.ipynb #aa77daba
 class HGBlock(nn.Module):
     """HG block: `layer_num` sequential convs, concat [input, all outputs], 'se' aggregation (1×1, 1×1)."""
@@ -127,7 +140,7 @@ class HGBlock(nn.Module):
 
 class HGStage(nn.Module):
     """HG stage: optional depthwise 3×3 s2 conv-BN (no activation), then HG blocks (residual from the 2nd)."""
-    def __init__(self, spec: 'HGStageSpec', use_lab: bool = False):
+    def __init__(self, spec: HGStageSpec, use_lab: bool = False):
         super().__init__()
         c_in, c_out = spec.in_channels, spec.out_channels
         self.downsample = (ConvBNAct(c_in, c_in, 3, stride=2, groups=c_in, use_act=False, use_lab=use_lab)
@@ -141,19 +154,6 @@ class HGStage(nn.Module):
         return self.blocks(self.downsample(x))
 
 # %% ../../nbs/40_backbones_hgnetv2.ipynb #57b01347
-@dataclass(frozen=True)
-class HGStageSpec:
-    """One HGNetv2 stage: channels, number of HG blocks, downsampling, conv type and layers per block."""
-    in_channels: int
-    mid_channels: int  # width of each conv inside an HG block
-    out_channels: int
-    num_blocks: int
-    downsample: bool  # depthwise 3×3 stride-2 conv first (stages 1–3)
-    light_block: bool  # 1×1 + depthwise k×k convs instead of plain k×k (stages 2–3)
-    kernel_size: int
-    layer_num: int  # convs per HG block
-
-
 @dataclass(frozen=True)
 class HGNetv2Config:
     """An HGNetv2 size plus the switches D-FINE sets per preset."""
