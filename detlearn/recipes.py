@@ -18,7 +18,7 @@ from .data.coco import CocoDetection
 from .hub import load_weights
 from .models import FAMILIES, create, family_of, find_family, replace_config_fields
 from .models.family import Recipe
-from .models.yolox_family import YOLOXAugment
+from .models.yolox.family import YOLOXAugment
 from .modelscope import check_class_names, preset_for, split_cfg_options, trainer_arguments
 from .train import Trainer, check_input_sizes
 from .utils import DetlearnError

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['EXIT_CODES', 'DEVICE_HELP', 'GIT_URL', 'OPENCV_WHEELS', 'DetlearnError', 'DataError', 'ModelFileError',
            'MissingDependencyError', 'CheckFailedError', 'install_command', 'resource_dir', 'import_command',
-           'usable_cpus', 'opencv_wheels', 'opencv_advice', 'import_cv2']
+           'moved_module', 'usable_cpus', 'opencv_wheels', 'opencv_advice', 'import_cv2']
 
 # %% ../nbs/00_utils.ipynb #4a6578f3
 from pathlib import Path
@@ -80,6 +80,23 @@ def import_command(spec: tuple[str, str, str],  # (module, function adding its p
     module, add, run = spec
     mod = importlib.import_module(module)
     return getattr(mod, add), getattr(mod, run)
+
+# %% ../nbs/00_utils.ipynb #5f48ccae
+def moved_module(old: str,  # the module's former dotted path, e.g. 'detlearn.models.yolox_head'
+                 new: str,  # where it lives now, e.g. 'detlearn.models.yolox.head'
+                ):  # a module-level `__getattr__` for the old module
+    """Forward every name asked of the module `old` to `new`, warning that `old` goes in the next release."""
+    import importlib
+    import warnings
+
+    def __getattr__(name: str):
+        if name.startswith('__') and name != '__all__':  # __path__, __wrapped__: what import and inspect probe
+            raise AttributeError(f'module {old!r} has no attribute {name!r}')
+        value = getattr(importlib.import_module(new), name)  # AttributeError for a name `new` lacks too
+        warnings.warn(f'{old} moved to {new}: import {name} from {new} ({old} goes in the next release)',
+                      DeprecationWarning, stacklevel=2)
+        return value
+    return __getattr__
 
 # %% ../nbs/00_utils.ipynb #5c1e7a24
 def usable_cpus() -> int:

@@ -71,7 +71,7 @@ def test_layout_check_catches_forward_imports_and_circles(tmp_path):
     assert layout_findings(check_layout, tmp_path) == (['nbs/00_a.ipynb -> nbs/01_b.ipynb'], [['a', 'b']])
     (tmp_path / 'detlearn' / 'a.py').write_text('x = 1\n')
     assert layout_findings(check_layout, tmp_path) == ([], [])
-    assert check_layout.family_of_module('models.dfine_loss') == 'dfine'
+    assert check_layout.family_of_module('models.dfine.loss') == 'dfine'
     assert check_layout.family_of_module('models.yolox.loss') == 'yolox'
     assert check_layout.family_of_module('models.family') is None
 

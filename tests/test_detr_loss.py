@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from detlearn.assign.hungarian import HungarianMatcher
-from detlearn.models.denoising import DenoisingConfig, make_denoising_groups
-from detlearn.models.detr_loss import DetrLossConfig, SetCriterion, denoising_indices
+from detlearn.models.detr.denoising import DenoisingConfig, make_denoising_groups
+from detlearn.models.detr.loss import DetrLossConfig, SetCriterion, denoising_indices
 from detlearn.testing import TOLERANCES, assert_scaled_close
 
 pytestmark = pytest.mark.cpu_path  # run again on the other CPU path by tools/test.sh

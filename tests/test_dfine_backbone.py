@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from detlearn.backbones.hgnetv2 import DFINE_VARIANTS, HGNetv2, dfine_hgnetv2_config, hgnetv2_config
-from detlearn.models.dfine_encoder import HybridEncoder, HybridEncoderConfig, hybrid_encoder_config
+from detlearn.models.dfine.encoder import HybridEncoder, HybridEncoderConfig, hybrid_encoder_config
 from detlearn.testing import TOLERANCES, assert_scaled_close
 
 pytestmark = pytest.mark.cpu_path  # run again on the other CPU path by tools/test.sh

@@ -7,9 +7,9 @@ import torch
 from detlearn.backbones.hgnetv2 import HGNetv2Config, HGStageSpec
 from detlearn.hub import load_weights
 from detlearn.models.dfine import DFINE, DFINEConfig
-from detlearn.models.dfine_decoder import DFINEDecoderConfig
-from detlearn.models.dfine_encoder import HybridEncoderConfig
-from detlearn.models.dfine_family import dfine_official_to_detlearn
+from detlearn.models.dfine.decoder import DFINEDecoderConfig
+from detlearn.models.dfine.encoder import HybridEncoderConfig
+from detlearn.models.dfine.family import dfine_official_to_detlearn
 from detlearn.recipes import get_recipe, list_recipes
 from detlearn.train_utils import build_optimizer
 

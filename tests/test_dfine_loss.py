@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from detlearn.assign.hungarian import HungarianMatcher
-from detlearn.models.dfine_loss import DFineCriterion, DFineLossConfig, union_of_matchings
+from detlearn.models.dfine.loss import DFineCriterion, DFineLossConfig, union_of_matchings
 from detlearn.testing import TOLERANCES, assert_scaled_close
 
 pytestmark = pytest.mark.cpu_path  # run again on the other CPU path by tools/test.sh

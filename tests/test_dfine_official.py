@@ -12,11 +12,11 @@ from PIL import Image
 
 from detlearn.backbones.hgnetv2 import HGNetv2Config, HGStageSpec
 from detlearn.models.dfine import DFINE, NOT_WEIGHTS, DFINEConfig, dfine_l, dfine_m, dfine_n, dfine_s, dfine_x
-from detlearn.models.dfine_decoder import DFINEDecoderConfig, flatten_levels, select_queries
-from detlearn.models.dfine_encoder import HybridEncoderConfig
-from detlearn.models.dfine_family import (DFINE_CLASS_SPECIFIC, DFINE_FAMILY, dfine_num_classes,
+from detlearn.models.dfine.decoder import DFINEDecoderConfig, flatten_levels, select_queries
+from detlearn.models.dfine.encoder import HybridEncoderConfig
+from detlearn.models.dfine.family import (DFINE_CLASS_SPECIFIC, DFINE_FAMILY, dfine_num_classes,
                                           dfine_official_to_detlearn, read_official_dfine)
-from detlearn.models.fdr import bbox_to_distance, weighting_function
+from detlearn.models.dfine.fdr import bbox_to_distance, weighting_function
 from detlearn.testing import TOLERANCES, assert_scaled_close
 from detlearn.utils import DetlearnError
 

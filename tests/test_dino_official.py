@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from detlearn.models.dino import DINO, DINOConfig, dino_num_classes, dino_official_to_detlearn, read_official_dino
-from detlearn.models.dino_transformer import run_transformer
+from detlearn.models.dino.transformer import run_transformer
 from detlearn.testing import TOLERANCES, assert_scaled_close
 
 pytestmark = pytest.mark.cpu_path  # run again on the other CPU path by tools/test.sh

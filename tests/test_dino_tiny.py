@@ -12,7 +12,7 @@ import torch
 
 from detlearn.data.coco import CocoDetection
 from detlearn.models.dino import DINO, DINO_PRESETS
-from detlearn.models.dino_family import dino_eval_transforms
+from detlearn.models.dino.family import dino_eval_transforms
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ROOT / 'data_samples' / 'shapes'

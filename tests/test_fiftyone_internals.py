@@ -71,8 +71,8 @@ def brute_force_dynamic_k(pred_cxcywh, grids, strides, gt_xyxy):
 
 def test_yolox_dynamic_k_and_matches_equal_simota_and_the_loss():
     from detlearn.models.family import Internals
-    from detlearn.models.yolox_family import YOLOX_FAMILY
-    from detlearn.models.yolox_loss import yolox_targets
+    from detlearn.models.yolox.family import YOLOX_FAMILY
+    from detlearn.models.yolox.loss import yolox_targets
     model, targets = _yolox(), _targets()
     with torch.no_grad():
         out = model(torch.rand(2, 3, 128, 128) * 255)
@@ -100,7 +100,7 @@ def test_yolox_dynamic_k_and_matches_equal_simota_and_the_loss():
 def test_dfine_edge_uncertainty_and_hungarian_match_are_independent_computations():
     from scipy.optimize import linear_sum_assignment
     from detlearn.models.dfine import dfine_targets
-    from detlearn.models.dfine_family import DFINE_FAMILY
+    from detlearn.models.dfine.family import DFINE_FAMILY
     torch.manual_seed(0)
     model = create('dfine_n', num_classes=3)
     for head in model.decoder.dec_bbox_head: torch.nn.init.normal_(head.layers[-1].weight, std=0.5)

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from detlearn import hub
-from detlearn.models.yolox_family import official_preprocess
+from detlearn.models.yolox.family import official_preprocess
 from detlearn.models import create
 from detlearn.utils import DetlearnError
 

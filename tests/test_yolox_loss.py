@@ -1,4 +1,4 @@
-"""YOLOX loss (detlearn.models.yolox_loss): hand-computed values, invariants, precision, one-batch overfits."""
+"""YOLOX loss (detlearn.models.yolox.loss): hand-computed values, invariants, precision, one-batch overfits."""
 import math
 
 import pytest
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import torchvision
 
 from detlearn.boxes import box_xyxy_to_cxcywh
-from detlearn.models.yolox_loss import YOLOXCriterion, iou_loss, yolox_targets
+from detlearn.models.yolox.loss import YOLOXCriterion, iou_loss, yolox_targets
 from detlearn.utils import DetlearnError
 
 from anchor_fixtures import logit, make_anchors

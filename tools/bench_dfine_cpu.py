@@ -27,7 +27,7 @@ def main():
     torch.set_num_threads(a.threads)
     from src.core import YAMLConfig
     from detlearn.models.dfine import DFINE, dfine_config
-    from detlearn.models.dfine_family import dfine_official_to_detlearn
+    from detlearn.models.dfine.family import dfine_official_to_detlearn
     from detlearn.bench_speed import median_times, time_interleaved
     torch.manual_seed(0)
     official = YAMLConfig(str(a.official / f'configs/dfine/dfine_hgnetv2_{a.variant}_coco.yml'),

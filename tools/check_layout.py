@@ -25,7 +25,7 @@ def chapters(root: Path = ROOT) -> dict:
                 continue
             m = re.search(r'#\s*\|\s*default_exp\s+(\S+)', ''.join(cell['source']))
             if m:
-                found[m.group(1)] = (i, str(Path(nb).relative_to(root)))
+                found[m.group(1).removesuffix('.__init__')] = (i, str(Path(nb).relative_to(root)))
                 break
     return found
 
@@ -76,7 +76,7 @@ FAMILIES = ('yolox', 'dino', 'dfine')  # detector families: models.<name>* modul
 
 
 def family_of_module(module: str) -> str | None:
-    """The detector family a module belongs to ('models.dfine_loss' -> 'dfine'), None for shared modules."""
+    """The detector family a module belongs to ('models.dfine.loss' -> 'dfine'), None for shared modules."""
     parts = module.split('.')
     if len(parts) < 2 or parts[0] != 'models':
         return None

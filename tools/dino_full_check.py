@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from detlearn.models.dino import DINO, dino_4scale_r50, dino_official_to_detlearn, read_official_dino
-from detlearn.models.dino_transformer import run_transformer
+from detlearn.models.dino.transformer import run_transformer
 
 
 def max_diff(a, b) -> float:

@@ -26,7 +26,7 @@ def official_modules(variant: str, size: int):
 def ours(variant: str, backbone_state: dict, encoder_state: dict):
     """detlearn's modules with the official weights."""
     from detlearn.backbones.hgnetv2 import HGNetv2, dfine_hgnetv2_config
-    from detlearn.models.dfine_encoder import HybridEncoder, hybrid_encoder_config
+    from detlearn.models.dfine.encoder import HybridEncoder, hybrid_encoder_config
     backbone, encoder = HGNetv2(dfine_hgnetv2_config(variant)), HybridEncoder(hybrid_encoder_config(variant))
     backbone.load_state_dict(backbone_state)
     encoder.load_state_dict(encoder_state)
