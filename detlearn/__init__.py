@@ -13,6 +13,8 @@ import importlib as _importlib
 import sys as _sys
 import types as _types
 
+from .utils import install_moved_modules as _install_moved_modules
+
 
 def _front(name: str, module: str) -> property:
     """A package attribute that imports `module` on first use and gives its `name`."""
@@ -31,3 +33,8 @@ class _Package(_types.ModuleType):
 
 
 _sys.modules[__name__].__class__ = _Package
+
+
+# the benchmarks were three modules beside the package's others; their old paths work for one release
+_install_moved_modules('detlearn', {'bench_speed': ('bench.speed', 'bench.deploy'),
+                                    'bench_models': 'bench.models'})

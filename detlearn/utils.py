@@ -5,9 +5,15 @@
 # %% auto #0
 __all__ = ['EXIT_CODES', 'DEVICE_HELP', 'GIT_URL', 'OPENCV_WHEELS', 'DetlearnError', 'DataError', 'ModelFileError',
            'MissingDependencyError', 'CheckFailedError', 'install_command', 'resource_dir', 'import_command',
-           'moved_module', 'usable_cpus', 'opencv_wheels', 'opencv_advice', 'import_cv2']
+           'moved_module', 'MovedModules', 'install_moved_modules', 'usable_cpus', 'opencv_wheels', 'opencv_advice',
+           'import_cv2']
 
 # %% ../nbs/00_utils.ipynb #4a6578f3
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+import warnings
 from pathlib import Path
 
 # %% ../nbs/00_utils.ipynb #1d19c73c
@@ -83,20 +89,51 @@ def import_command(spec: tuple[str, str, str],  # (module, function adding its p
 
 # %% ../nbs/00_utils.ipynb #5f48ccae
 def moved_module(old: str,  # the module's former dotted path, e.g. 'detlearn.models.yolox_head'
-                 new: str,  # where it lives now, e.g. 'detlearn.models.yolox.head'
+                 new: str | tuple[str, ...],  # where its names live now (the first that has the name)
                 ):  # a module-level `__getattr__` for the old module
     """Forward every name asked of the module `old` to `new`, warning that `old` goes in the next release."""
-    import importlib
-    import warnings
+    news = (new,) if isinstance(new, str) else tuple(new)
 
     def __getattr__(name: str):
         if name.startswith('__') and name != '__all__':  # __path__, __wrapped__: what import and inspect probe
             raise AttributeError(f'module {old!r} has no attribute {name!r}')
-        value = getattr(importlib.import_module(new), name)  # AttributeError for a name `new` lacks too
-        warnings.warn(f'{old} moved to {new}: import {name} from {new} ({old} goes in the next release)',
-                      DeprecationWarning, stacklevel=2)
-        return value
+        for target in news:
+            module = importlib.import_module(target)
+            if hasattr(module, name):
+                warnings.warn(f'{old} moved to {target}: import {name} from {target} ({old} goes in the next '
+                              'release)', DeprecationWarning, stacklevel=2)
+                return getattr(module, name)
+        raise AttributeError(f"module {old!r} has no attribute {name!r} (it moved to {' / '.join(news)})")
     return __getattr__
+
+
+class MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """An import hook: `{package}.{old}`, for each `old` in `moved`, is a module forwarding to its new path."""
+    def __init__(self, package: str,  # e.g. 'detlearn.models'
+                 moved: dict,  # old name in `package` -> new path(s) relative to `package`, e.g. 'yolox.head'
+                ):
+        self.package, self.moved = package, moved
+
+    def find_spec(self, fullname, path=None, target=None):
+        prefix, _, old = fullname.rpartition('.')
+        if prefix != self.package or old not in self.moved:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec):
+        return None  # a plain module
+
+    def exec_module(self, module):
+        new = self.moved[module.__name__.rpartition('.')[2]]
+        news = (new,) if isinstance(new, str) else new
+        module.__getattr__ = moved_module(module.__name__, tuple(f'{self.package}.{n}' for n in news))
+
+
+def install_moved_modules(package: str, moved: dict) -> None:
+    """Answer imports of `package`'s moved modules, after Python's own finders (once per package)."""
+    if not any(getattr(f, 'package', None) == package and type(f).__name__ == 'MovedModules'
+               for f in sys.meta_path):
+        sys.meta_path.append(MovedModules(package, moved))
 
 # %% ../nbs/00_utils.ipynb #5c1e7a24
 def usable_cpus() -> int:

@@ -6,7 +6,7 @@ Run with a Python environment that can import both detlearn (this checkout on PY
 Peterande/D-FINE code (commit 4a1f73a8bcfac736a88abde9596d87f116d780a7). Builds the official preset with random
 weights, loads them into detlearn's preset through the official-weights mapping, checks that the outputs agree,
 then times one 640x640 image with four models in every round -- official and detlearn, each in eval mode and
-after deploy() -- in an order that rotates from round to round (`detlearn.bench_speed.time_interleaved`), so
+after deploy() -- in an order that rotates from round to round (`detlearn.bench.speed.time_interleaved`), so
 that a change of the machine's load hits all four alike. Prints the median milliseconds per forward of each
 and the ratios.
 """
@@ -28,7 +28,7 @@ def main():
     from src.core import YAMLConfig
     from detlearn.models.dfine import DFINE, dfine_config
     from detlearn.models.dfine.family import dfine_official_to_detlearn
-    from detlearn.bench_speed import median_times, time_interleaved
+    from detlearn.bench.speed import median_times, time_interleaved
     torch.manual_seed(0)
     official = YAMLConfig(str(a.official / f'configs/dfine/dfine_hgnetv2_{a.variant}_coco.yml'),
                           HGNetv2={'pretrained': False}).model.eval()

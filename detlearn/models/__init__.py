@@ -8,9 +8,6 @@ __all__ = ['FAMILIES', 'PROBE_FROM_FAMILY', 'MOVED_MODULES', 'list_models', 'fin
 
 # %% ../../nbs/44_models.ipynb #d837232f
 import dataclasses
-import importlib.abc
-import importlib.util
-import sys
 from typing import Any
 
 import torch
@@ -20,7 +17,7 @@ from .family import Family, replace_config_fields
 from .dfine.family import DFINE_FAMILY
 from .dino.family import DINO_FAMILY
 from .yolox.family import YOLOX_FAMILY
-from ..utils import DetlearnError, moved_module
+from ..utils import DetlearnError, install_moved_modules
 
 # %% ../../nbs/44_models.ipynb #4196c629
 FAMILIES: dict[str, Family] = {  # family name -> its record
@@ -122,24 +119,4 @@ MOVED_MODULES = {  # old module under detlearn.models -> where it lives now
     'dino_family': 'dino.family', 'dfine_encoder': 'dfine.encoder', 'fdr': 'dfine.fdr',
     'dfine_loss': 'dfine.loss', 'dfine_decoder': 'dfine.decoder', 'dfine_family': 'dfine.family',
 }
-_PACKAGE = 'detlearn.models'
-
-
-class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds `detlearn.models.<old>` for the names in MOVED_MODULES: a module forwarding to the new path."""
-    def find_spec(self, fullname, path=None, target=None):
-        prefix, _, old = fullname.rpartition('.')
-        if prefix != _PACKAGE or old not in MOVED_MODULES:
-            return None
-        return importlib.util.spec_from_loader(fullname, self)
-
-    def create_module(self, spec):
-        return None  # a plain module
-
-    def exec_module(self, module):
-        old = module.__name__.rpartition('.')[2]
-        module.__getattr__ = moved_module(module.__name__, f'{_PACKAGE}.{MOVED_MODULES[old]}')
-
-
-if not any(type(f).__name__ == '_MovedModules' for f in sys.meta_path):  # once, also after a reload
-    sys.meta_path.append(_MovedModules())
+install_moved_modules('detlearn.models', MOVED_MODULES)
