@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,8 +24,8 @@ from ...checkpoint import load_checkpoint, save_checkpoint
 from ...utils import DetlearnError
 
 # %% auto #0
-__all__ = ['DFINE_CLASS_SPECIFIC', 'OFFICIAL_RELEASE', 'DFINE_PRESETS', 'DFINE_OFFICIAL', 'DFINE_RECIPES', 'EDGES',
-           'MILD_AUGMENT', 'SHAPES_AUGMENT', 'DFINE_FAMILY', 'read_official_dfine', 'dfine_official_to_detlearn',
+__all__ = ['DFINE_CLASS_SPECIFIC', 'OFFICIAL_RELEASE', 'DFINE_PRESETS', 'DFINE_OFFICIAL', 'EDGES', 'MILD_AUGMENT',
+           'SHAPES_AUGMENT', 'DFINE_RECIPES', 'DFINE_FAMILY', 'read_official_dfine', 'dfine_official_to_detlearn',
            'dfine_num_classes', 'dfine_coco_recipe', 'dfine_query_matches', 'dfine_internals', 'DFINEAugment',
            'dfine_augment_transforms', 'dfine_shapes_recipe', 'dfine_finetune_recipe', 'dfine_official_state_dict',
            'save_official_dfine', 'dfine_train_dataset', 'dfine_eval_transforms', 'dfine_start_epoch']
@@ -88,12 +89,6 @@ def dfine_coco_recipe(size: str) -> Recipe:
                       no_aug_epochs=epochs - stop, multiscale=(480, 800))
     return Recipe(f'dfine_{size}', 640, TrainConfig(optim=optim, schedule=schedule, loop=loop), official_ap=ap)
 
-
-DFINE_RECIPES = {f'dfine_{s}_{epochs}e_coco': (lambda s=s: dfine_coco_recipe(s))
-                 for s, (epochs, *_) in _DFINE_COCO.items()}
-# the project's short names, without the epoch count: the same recipes under a second name
-DFINE_RECIPES |= {f'dfine_{s}_coco': DFINE_RECIPES[f'dfine_{s}_{epochs}e_coco']
-                  for s, (epochs, *_) in _DFINE_COCO.items()}
 
 # %% ../../../nbs/43c_models_dfine_family.ipynb #d24d4c5e
 from . import dfine_targets
@@ -197,9 +192,6 @@ def dfine_finetune_recipe(size: str,  # 'n', 's', 'm', 'l' or 'x'
     return Recipe(f'dfine_{size}', img_size, train, augment=MILD_AUGMENT)
 
 
-DFINE_RECIPES |= {'dfine_n_shapes': dfine_shapes_recipe}
-DFINE_RECIPES |= {f'dfine_{s}_finetune': (lambda s=s: dfine_finetune_recipe(s)) for s in _DFINE_COCO}
-
 # %% ../../../nbs/43c_models_dfine_family.ipynb #1e54bed5
 def dfine_official_state_dict(model: DFINE, size: int = 640) -> dict[str, Tensor]:
     """`model`'s weights under the official names, with the official anchor buffers for `size` x `size`."""
@@ -217,6 +209,26 @@ def save_official_dfine(model: DFINE, path: str | Path, size: int = 640) -> Path
     """Write `model` as an official D-FINE checkpoint (`{'ema': {'module', 'updates'}}`), as the hub reads."""
     save_checkpoint({'ema': {'module': dfine_official_state_dict(model, size), 'updates': 0}}, path)
     return Path(path)
+
+# %% ../../../nbs/43c_models_dfine_family.ipynb #3b5088ed
+DFINE_RECIPES = {  # recipe name -> the function that builds it
+    'dfine_n_160e_coco': partial(dfine_coco_recipe, 'n'),
+    'dfine_s_132e_coco': partial(dfine_coco_recipe, 's'),
+    'dfine_m_132e_coco': partial(dfine_coco_recipe, 'm'),
+    'dfine_l_80e_coco': partial(dfine_coco_recipe, 'l'),
+    'dfine_x_80e_coco': partial(dfine_coco_recipe, 'x'),
+    'dfine_n_coco': partial(dfine_coco_recipe, 'n'),
+    'dfine_s_coco': partial(dfine_coco_recipe, 's'),
+    'dfine_m_coco': partial(dfine_coco_recipe, 'm'),
+    'dfine_l_coco': partial(dfine_coco_recipe, 'l'),
+    'dfine_x_coco': partial(dfine_coco_recipe, 'x'),
+    'dfine_n_shapes': dfine_shapes_recipe,
+    'dfine_n_finetune': partial(dfine_finetune_recipe, 'n'),
+    'dfine_s_finetune': partial(dfine_finetune_recipe, 's'),
+    'dfine_m_finetune': partial(dfine_finetune_recipe, 'm'),
+    'dfine_l_finetune': partial(dfine_finetune_recipe, 'l'),
+    'dfine_x_finetune': partial(dfine_finetune_recipe, 'x'),
+}
 
 # %% ../../../nbs/43c_models_dfine_family.ipynb #7f637923
 def dfine_train_dataset(raw: Dataset,  # a CocoDetection built with transforms=None

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -62,10 +63,15 @@ def dino_tiny_shapes_recipe(epochs: int = 40) -> Recipe:
                   augment=DETRAugment(), test_size=DINO_PRESETS['dino_tiny']().test_size[0])
 
 
-DINO_RECIPES = {f'{p}_{e}e_coco': (lambda p=p, e=e: dino_coco_recipe(p, e)) for p, e in _DINO_COCO_AP
-                if (p, e) in {('dino_4scale_r50', 12), ('dino_4scale_r50', 24), ('dino_4scale_r50', 36),
-                              ('dino_5scale_r50', 12), ('dino_4scale_swinl', 12), ('dino_4scale_swinl', 36)}}
-DINO_RECIPES['dino_tiny_shapes'] = dino_tiny_shapes_recipe
+DINO_RECIPES = {  # recipe name -> the function that builds it
+    'dino_4scale_r50_12e_coco': partial(dino_coco_recipe, 'dino_4scale_r50', 12),
+    'dino_4scale_r50_24e_coco': partial(dino_coco_recipe, 'dino_4scale_r50', 24),
+    'dino_4scale_r50_36e_coco': partial(dino_coco_recipe, 'dino_4scale_r50', 36),
+    'dino_5scale_r50_12e_coco': partial(dino_coco_recipe, 'dino_5scale_r50', 12),
+    'dino_4scale_swinl_12e_coco': partial(dino_coco_recipe, 'dino_4scale_swinl', 12),
+    'dino_4scale_swinl_36e_coco': partial(dino_coco_recipe, 'dino_4scale_swinl', 36),
+    'dino_tiny_shapes': dino_tiny_shapes_recipe,
+}
 
 # %% ../../../nbs/35c_models_dino_family.ipynb #24a4885d
 class _TransformedDataset(Dataset):

@@ -11,6 +11,7 @@ __all__ = ['YOLOX_RECIPES', 'OFFICIAL_RELEASE', 'YOLOX_PRESETS', 'YOLOX_OFFICIAL
 # %% ../../../nbs/23c_models_yolox_family.ipynb #c38a7ecc
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,14 @@ def yolox_coco_recipe(size: str,  # nano, tiny, s, m, l or x
                   augment=YOLOXAugment(1.0, mixup, scale), official_ap=ap)
 
 
-YOLOX_RECIPES = {f'yolox_{s}_300e_coco': (lambda s=s: yolox_coco_recipe(s)) for s in _YOLOX_COCO}
+YOLOX_RECIPES = {  # recipe name -> the function that builds it
+    'yolox_nano_300e_coco': partial(yolox_coco_recipe, 'nano'),
+    'yolox_tiny_300e_coco': partial(yolox_coco_recipe, 'tiny'),
+    'yolox_s_300e_coco': partial(yolox_coco_recipe, 's'),
+    'yolox_m_300e_coco': partial(yolox_coco_recipe, 'm'),
+    'yolox_l_300e_coco': partial(yolox_coco_recipe, 'l'),
+    'yolox_x_300e_coco': partial(yolox_coco_recipe, 'x'),
+}
 
 # %% ../../../nbs/23c_models_yolox_family.ipynb #3143a25d
 def yolox_train_dataset(raw: Dataset,  # a CocoDetection built with transforms=None
