@@ -29,7 +29,7 @@ def _front(name: str, module: str) -> property:
 class _Package(_types.ModuleType):
     create = _front('create', 'detlearn.models')
     pipeline = _front('pipeline', 'detlearn.pipeline')
-    build_trainer = _front('build_trainer', 'detlearn.recipes')
+    build_trainer = _front('build_trainer', 'detlearn.modelscope')  # detlearn's, taking ModelScope's calls too
 
 
 _sys.modules[__name__].__class__ = _Package

@@ -19,7 +19,6 @@ from .hub import load_weights
 from .models import FAMILIES, create, family_of, find_family, replace_config_fields
 from .models.family import Recipe
 from .models.yolox.family import YOLOXAugment
-from .modelscope import check_class_names, preset_for, split_cfg_options, trainer_arguments
 from .train import Trainer, check_input_sizes
 from .utils import DetlearnError
 
@@ -118,23 +117,18 @@ def _seeded_model(name: str, num_classes: int, weights, recipe: Recipe, seed: in
         return build_model(name, num_classes, weights, recipe.model_overrides)
 
 
-def build_trainer(model=None,  # preset name, ModelScope model id, or a module; or a ModelScope trainer name
-                  train_dataset=None,  # a dataset, an (ann, images) pair; or ModelScope's default_args dict
+def build_trainer(model=None,  # a preset name or a module
+                  train_dataset=None,  # a dataset or an (ann, images) pair
                   eval_dataset=None, work_dir: str | Path = 'runs/train',
-                  cfg_options: dict | list | None = None,  # 'loop.epochs=12' strings or a dict (ModelScope keys too)
+                  cfg_options: dict | list | None = None,  # 'loop.epochs=12' strings or a {'loop.epochs': 12} dict
                   recipe: Recipe | str | None = None, weights: str | Path | None = None,
                   device: str | None = None, progress: bool = True):
     """A `Trainer` from a preset name (or module), datasets (or (ann, images) pairs) and overrides."""
-    if isinstance(train_dataset, dict):  # ModelScope: build_trainer(trainer_name, default_args)
-        return build_trainer(**trainer_arguments(model, train_dataset))
-    model = preset_for(model) if isinstance(model, str) else model
     recipe = _recipe_for(model, recipe)
-    options, class_lists = split_cfg_options(cfg_options)
     if isinstance(train_dataset, (tuple, list)):
         train_dataset, ev = build_datasets(recipe, *train_dataset, *(eval_dataset or (None, None)))
         eval_dataset = ev if eval_dataset is not None else None
-    check_class_names(train_dataset.class_names, class_lists)
-    cfg = apply_overrides(recipe.train, options)
+    cfg = apply_overrides(recipe.train, cfg_options or {})
     num_classes = len(train_dataset.class_names)
     if isinstance(model, str):
         model = _seeded_model(model, num_classes, weights, recipe, cfg.loop.seed)
