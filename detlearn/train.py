@@ -26,6 +26,7 @@ from .models import find_family
 from .checkpoint import (checkpoint_weights, load_checkpoint, rng_state, save_checkpoint, seed_everything,
                                  set_rng_state)
 from .config import TrainConfig, config_to_dict
+from .hub import load_weights  # a detlearn or an official file
 from .train_utils import ModelEMA, amp_policy, build_optimizer, build_scheduler
 from .utils import DetlearnError, usable_cpus
 
@@ -327,28 +328,9 @@ def check_input_sizes(model: nn.Module,  # a detector; DETRs have a min_input_si
         warnings.warn(f"multi-scale training draws sizes from {least} px, not {ms[0]}: {why}", stacklevel=2)
         loop.multiscale = (least, ms[1])
 
-# %% ../nbs/50c_train.ipynb #c7f11d7e
-class Trainer:
-    """Train any detector that keeps detlearn's protocol (forward/loss/postprocess)."""
-    def __init__(self, model: nn.Module, train_dataset, val_dataset=None,
-                 cfg: TrainConfig | None = None, work_dir: str | Path = 'runs/train',
-                 device: str | None = None, collate_fn=None, meta: dict | None = None,
-                 progress: bool = True, plot: bool = False):
-        self.cfg, self.work_dir = cfg or TrainConfig(), Path(work_dir)
-        self.info: DistInfo = setup_distributed(device)
-        self.meta = dict(meta or {})  # how to rebuild the model: {'model_name': ..., 'img_size': ...}
-        self.train_dataset, self.val_dataset, self.progress = train_dataset, val_dataset, progress
-        self.collate_fn = collate_fn or _default_collate()
-        self.family = find_family(model)  # None for a model outside detlearn's families: no epoch switches
-        check_input_sizes(model, self.cfg.loop, {'training size (--img-size)': self.meta.get('train_img_size'),
-                                                 'test size (--test-size)': self.meta.get('img_size')})
-        self.log = RunLog(self.work_dir, self.info.is_main, plot)
-        if self.info.is_main:
-            self.work_dir.mkdir(parents=True, exist_ok=True)
-        self._build(model)
-        self.epoch, self.best, self.history = 0, None, []
-        self.resume_from = None  # a mid-epoch checkpoint's position: {'iter', 'meter', 'rng'}
-
+# %% ../nbs/50c_train.ipynb #02a193cf
+class _TrainerSetup:
+    """The model on its device, its engine and loaders; the counters read from the engine."""
     @property
     def step(self) -> int:
         """Optimiser steps taken so far."""
@@ -381,6 +363,9 @@ class Trainer:
         self.engine = StepEngine(self.ddp_model, self.cfg, self.info.device, iters, self.info.world_size)
         self.ema = self.engine.ema
 
+# %% ../nbs/50c_train.ipynb #fa23f6f0
+class _TrainerLoaders(_TrainerSetup):
+    """Data loaders: a seeded distributed sampler, worker count by free CPUs."""
     def _num_workers(self) -> int:
         """Loader processes: no more than the CPUs left to this process, the compute threads' excluded on a CPU."""
         # the samples do not depend on the count (SeededSamples). Training on the CPU, loader processes take
@@ -404,6 +389,9 @@ class Trainer:
                           num_workers=self._num_workers(), drop_last=train,
                           pin_memory=self.info.device.type == 'cuda', generator=torch.Generator())
 
+# %% ../nbs/50c_train.ipynb #ffc74c52
+class _TrainerBatches(_TrainerLoaders):
+    """An epoch's start and its batches: seeding, family switches, multi-scale."""
     def _start_epoch(self, epoch: int):
         seed_everything(self.cfg.loop.seed + 1000 * epoch + self.info.rank)
         self.train_loader.sampler.set_epoch(epoch)
@@ -431,6 +419,9 @@ class Trainer:
         size = self._pick_size(epoch, i)
         return resize_batch(images, masks, targets, size) if size else (images, masks, targets)
 
+# %% ../nbs/50c_train.ipynb #e77a2924
+class _TrainerDivergence(_TrainerBatches):
+    """When the loss stays NaN/inf: stop, keeping the evidence and saying what to try."""
     def _check_diverged(self, images: Tensor, targets: list[dict]):
         """After `max_bad_steps` non-finite losses: save the batch and the state, then stop with advice."""
         if self.engine.bad_steps < self.cfg.loop.max_bad_steps:
@@ -446,6 +437,9 @@ class Trainer:
             "(schedule.warmup_epochs=...), gradient clipping (optim.clip_grad_norm=0.1), --no-amp, and "
             "`detlearn data check` on the dataset (degenerate boxes?).")
 
+# %% ../nbs/50c_train.ipynb #9c82379c
+class _TrainerEpoch(_TrainerDivergence):
+    """One epoch of optimiser steps, with mid-epoch checkpoints when asked."""
     def train_one_epoch(self, epoch: int) -> dict:
         """Train one epoch (the rest of it after a mid-epoch resume); returns its mean losses and timings."""
         self._start_epoch(epoch)
@@ -470,19 +464,9 @@ class Trainer:
         return meter.summary() | {'lr': self.engine.optimizer.param_groups[-1]['lr'],
                                   'bad_steps': self.engine.bad_steps}
 
-    def evaluate(self, model: nn.Module | None = None, checkpoint_path: str | Path | None = None):
-        """COCO evaluation of `model` (default: the EMA weights, or those of `checkpoint_path`); an EvalResult."""
-        if self.val_dataset is None:
-            raise DetlearnError("no validation set: give --val-ann and --val-images")
-        if checkpoint_path is not None:  # a copy: the weights being trained stay as they are
-            model = copy.deepcopy(self.model)
-            model.load_state_dict(checkpoint_weights(load_checkpoint(checkpoint_path, self.info.device)))
-        model = model or (self.ema.module if self.ema is not None else self.model)
-        result, self.last_predictions = evaluate_distributed(model, self.val_dataset, self.val_loader,
-                                                             self.info.device, self.engine.amp_dtype)
-        self.last_result = result
-        return result
-
+# %% ../nbs/50c_train.ipynb #1ccdb7e8
+class _TrainerCheckpoints(_TrainerEpoch):
+    """The training state, written atomically: last, best, every N epochs, mid-epoch."""
     def state_dict(self) -> dict:
         """The checkpoint: model, EMA, optimiser, scheduler, scaler, counters, RNG, config, classes, meta."""
         ds = self.train_dataset
@@ -500,6 +484,19 @@ class Trainer:
             save_checkpoint(self.state_dict() | {'iter': iters, 'meter': meter.state(), 'ranks': ranks},
                             self.work_dir / 'last.pth')
 
+    def _save(self, is_best: bool):
+        if not self.info.is_main:
+            return
+        state = self.state_dict()
+        save_checkpoint(state, self.work_dir / 'last.pth')
+        if is_best:
+            save_checkpoint(state, self.work_dir / 'best.pth')
+        if self.cfg.loop.save_every and self.epoch % self.cfg.loop.save_every == 0:
+            save_checkpoint(state, self.work_dir / f'epoch_{self.epoch}.pth')
+
+# %% ../nbs/50c_train.ipynb #2745b481
+class _TrainerResume(_TrainerCheckpoints):
+    """Continuing a run exactly where its last checkpoint stopped."""
     def load_state(self, path: str | Path):
         """Resume from a checkpoint written by `state_dict` (exactly: the next epoch reproduces the original run)."""
         ck = load_checkpoint(path, map_location=self.info.device)
@@ -519,15 +516,31 @@ class Trainer:
             mine = ranks[self.info.rank] if len(ranks) == self.info.world_size else {'rng': ck['rng']}
             self.resume_from = {'iter': ck['iter'], 'meter': mine.get('meter', ck.get('meter')), 'rng': mine['rng']}
 
-    def _save(self, is_best: bool):
-        if not self.info.is_main:
-            return
-        state = self.state_dict()
-        save_checkpoint(state, self.work_dir / 'last.pth')
-        if is_best:
-            save_checkpoint(state, self.work_dir / 'best.pth')
-        if self.cfg.loop.save_every and self.epoch % self.cfg.loop.save_every == 0:
-            save_checkpoint(state, self.work_dir / f'epoch_{self.epoch}.pth')
+    def resume(self, resume: str | Path | None):
+        """Load the training state `resume`; 'auto': work_dir/last.pth if there is one, else start afresh."""
+        if resume == 'auto':  # elastic restarts and preempted jobs rerun the same command
+            last = self.work_dir / 'last.pth'
+            resume = last if last.exists() else None
+            if self.info.is_main and self.progress:
+                print(f"resuming from {last}" if resume else f"no {last} yet: starting a new run")
+        if resume:
+            self.load_state(resume)
+
+# %% ../nbs/50c_train.ipynb #327b829d
+class _TrainerEval(_TrainerResume):
+    """COCO evaluation during and after training; the best-model decision."""
+    def evaluate(self, model: nn.Module | None = None, checkpoint_path: str | Path | None = None):
+        """COCO evaluation of `model` (default: the EMA weights, or those of `checkpoint_path`); an EvalResult."""
+        if self.val_dataset is None:
+            raise DetlearnError("no validation set: give --val-ann and --val-images")
+        if checkpoint_path is not None:  # a copy: the weights being trained stay as they are
+            model = copy.deepcopy(self.model)
+            model.load_state_dict(checkpoint_weights(load_checkpoint(checkpoint_path, self.info.device)))
+        model = model or (self.ema.module if self.ema is not None else self.model)
+        result, self.last_predictions = evaluate_distributed(model, self.val_dataset, self.val_loader,
+                                                             self.info.device, self.engine.amp_dtype)
+        self.last_result = result
+        return result
 
     def _evaluate_epoch(self, row: dict) -> bool:
         """Evaluate when due, add the stats to `row`; whether this is the best model so far."""
@@ -545,17 +558,14 @@ class Trainer:
                   f"loss {row['loss']:.3f}")
         return is_best
 
+# %% ../nbs/50c_train.ipynb #ede53f1e
+class _TrainerRun(_TrainerEval):
+    """The epoch loop, and ModelScope-style `train` (resume, or start from weights)."""
     def fit(self, resume: str | Path | None = None,  # a training state to continue; 'auto': work_dir/last.pth if any
             stop_after: int | None = None,  # end after this epoch, as if interrupted (the schedule plans loop.epochs)
            ) -> list[dict]:
         """Train from the current (or resumed) epoch to `loop.epochs`; returns the per-epoch history."""
-        if resume == 'auto':  # elastic restarts and preempted jobs rerun the same command
-            last = self.work_dir / 'last.pth'
-            resume = last if last.exists() else None
-            if self.info.is_main and self.progress:
-                print(f"resuming from {last}" if resume else f"no {last} yet: starting a new run")
-        if resume:
-            self.load_state(resume)
+        self.resume(resume)
         epochs = self.cfg.loop.epochs
         for epoch in range(self.epoch, min(epochs, stop_after or epochs)):
             t0 = time.perf_counter()
@@ -575,8 +585,29 @@ class Trainer:
         """ModelScope-style `fit`: resume from `checkpoint_path`, or start from its weights."""
         if checkpoint_path is None or load_all_state:
             return self.fit(resume=checkpoint_path)
-        from detlearn.hub import load_weights  # a detlearn or an official file
         load_weights(self.model, checkpoint_path)
         if self.ema is not None:
             self.ema.module.load_state_dict(self.model.state_dict())
         return self.fit()
+
+# %% ../nbs/50c_train.ipynb #c7f11d7e
+class Trainer(_TrainerRun):
+    """Train any detector that keeps detlearn's protocol (forward/loss/postprocess)."""
+    def __init__(self, model: nn.Module, train_dataset, val_dataset=None,
+                 cfg: TrainConfig | None = None, work_dir: str | Path = 'runs/train',
+                 device: str | None = None, collate_fn=None, meta: dict | None = None,
+                 progress: bool = True, plot: bool = False):
+        self.cfg, self.work_dir = cfg or TrainConfig(), Path(work_dir)
+        self.info: DistInfo = setup_distributed(device)
+        self.meta = dict(meta or {})  # how to rebuild the model: {'model_name': ..., 'img_size': ...}
+        self.train_dataset, self.val_dataset, self.progress = train_dataset, val_dataset, progress
+        self.collate_fn = collate_fn or _default_collate()
+        self.family = find_family(model)  # None for a model outside detlearn's families: no epoch switches
+        check_input_sizes(model, self.cfg.loop, {'training size (--img-size)': self.meta.get('train_img_size'),
+                                                 'test size (--test-size)': self.meta.get('img_size')})
+        self.log = RunLog(self.work_dir, self.info.is_main, plot)
+        if self.info.is_main:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._build(model)
+        self.epoch, self.best, self.history = 0, None, []
+        self.resume_from = None  # a mid-epoch checkpoint's position: {'iter', 'meter', 'rng'}
