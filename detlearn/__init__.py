@@ -35,6 +35,6 @@ class _Package(_types.ModuleType):
 _sys.modules[__name__].__class__ = _Package
 
 
-# the benchmarks were three modules beside the package's others; their old paths work for one release
+# the benchmarks were modules beside the package's others (and one in ops); their old paths work for one release
 _install_moved_modules('detlearn', {'bench_speed': ('bench.speed', 'bench.deploy'),
-                                    'bench_models': 'bench.models'})
+                                    'bench_models': 'bench.models', 'ops.msda_bench': 'bench.msda'})

@@ -108,15 +108,16 @@ def moved_module(old: str,  # the module's former dotted path, e.g. 'detlearn.mo
 
 
 class MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """An import hook: `{package}.{old}`, for each `old` in `moved`, is a module forwarding to its new path."""
+    """An import hook: `{package}.{old}`, for each `old` in `moved`, is a module forwarding to its new path
+    (`old` may be dotted: 'ops.msda_bench' is the module detlearn.ops.msda_bench of the package detlearn)."""
     def __init__(self, package: str,  # e.g. 'detlearn.models'
-                 moved: dict,  # old name in `package` -> new path(s) relative to `package`, e.g. 'yolox.head'
+                 moved: dict,  # old path relative to `package` -> new path(s) relative to it, e.g. 'yolox.head'
                 ):
         self.package, self.moved = package, moved
 
     def find_spec(self, fullname, path=None, target=None):
-        prefix, _, old = fullname.rpartition('.')
-        if prefix != self.package or old not in self.moved:
+        old = fullname.removeprefix(self.package + '.')
+        if old == fullname or old not in self.moved:
             return None
         return importlib.util.spec_from_loader(fullname, self)
 
@@ -124,7 +125,7 @@ class MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return None  # a plain module
 
     def exec_module(self, module):
-        new = self.moved[module.__name__.rpartition('.')[2]]
+        new = self.moved[module.__name__.removeprefix(self.package + '.')]
         news = (new,) if isinstance(new, str) else new
         module.__getattr__ = moved_module(module.__name__, tuple(f'{self.package}.{n}' for n in news))
 

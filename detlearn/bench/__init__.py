@@ -12,9 +12,17 @@ from pathlib import Path
 
 import torch
 
-from .models import _synthetic_batch, add_models_parser, cmd_models
 from .deploy import add_deploy_parser, cmd_deploy
+from .models import _synthetic_batch, add_models_parser, cmd_models
+from .msda import bench_msda
 from .speed import add_speed_parser, cmd_speed, machine_info
+from ..config import TrainConfig
+from ..data.samples import sample_dataset
+from ..demo import run_demo
+from ..models import create, model_info
+from ..recipes import build_datasets, build_trainer, get_recipe
+from ..train import Trainer, to_float32
+from ..train_utils import amp_policy, build_optimizer
 from ..utils import DEVICE_HELP, DetlearnError, MissingDependencyError
 
 # %% ../../nbs/57_bench.ipynb #6d72f393
@@ -49,10 +57,6 @@ def _median_step_times(step_fns: dict,  # name -> fn(step index)
 def bench_trainer(model: str = 'yolox_nano', img_size: int = 256, batch_size: int = 8, steps: int = 10,
                   device: str | None = None, num_classes: int = 4, print_table: bool = True) -> dict:
     """Median seconds per step of the Trainer vs a bare loop on the same model and batch, and the overhead."""
-    from detlearn.models import create
-    from detlearn.train import Trainer, to_float32
-    from detlearn.config import TrainConfig
-    from detlearn.train_utils import amp_policy, build_optimizer
     dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     torch.manual_seed(0)
     bare = create(model, num_classes).to(dev).train()
@@ -109,8 +113,6 @@ def bench_shapes(recipe: str,  # a recipe name, e.g. 'shapes_demo'
                  out_dir: str = 'detlearn_bench_shapes', epochs: int | None = None,
                  eval_every: int | None = None, device: str | None = None, progress: bool = False) -> dict:
     """Train `recipe` from scratch on the shapes sample; print AP50 against minutes; return the final metrics."""
-    from detlearn.data.samples import sample_dataset
-    from detlearn.recipes import build_datasets, build_trainer, get_recipe
     start, r = time.perf_counter(), get_recipe(recipe)
     loop = r.train.loop
     loop.epochs = epochs or loop.epochs
@@ -172,20 +174,17 @@ def cmd_bench(args) -> int:
     if args.bench_cmd in BENCH_EXTENSIONS:
         return _bench_extension(args.bench_cmd)[1](args)
     if args.bench_cmd == 'info':
-        from detlearn.models import model_info
         info = model_info(args.model, img_size=args.img_size)
         print(f"{args.model}: {info['params'] / 1e6:.3f} M parameters, {info['gflops']:.2f} GFLOPs")
     elif args.bench_cmd == 'msda':
         if not torch.cuda.is_available():
             raise MissingDependencyError("bench msda needs a CUDA GPU (and cupy-cuda12x)")
-        from detlearn.ops.msda_bench import bench_msda
         bench_msda()
     elif args.bench_cmd == 'trainer':
         bench_trainer(args.model, args.img_size, args.batch_size, args.steps, args.device)
     elif args.bench_cmd == 'shapes':
         bench_shapes(args.recipe, args.out, args.epochs, args.eval_every, args.device)
     elif args.bench_cmd == 'demo':
-        from detlearn.demo import run_demo
         r = run_demo(args.out, device=args.device)
         print(demo_timeline(r.out_dir / 'metrics.csv'))
         print(

@@ -14,6 +14,9 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from ..models import create, family_of, list_models, model_info
+from ..recipes import default_recipe
+from ..train import to_float32
 from ..utils import DetlearnError
 
 # %% ../../nbs/53c_bench_models.ipynb #2ff9554e
@@ -60,7 +63,6 @@ def _synthetic_batch(batch: int, size: int, num_classes: int, device) -> tuple:
 
 def _step_bytes(model: nn.Module, batch: int, size: int, amp_dtype: torch.dtype | None) -> int:
     """Saved-for-backward bytes of one forward + loss on synthetic (batch, 3, size, size) images."""
-    from detlearn.train import to_float32
     images, _, targets = _synthetic_batch(batch, size, model.cfg.num_classes, 'cpu')
 
     def step():
@@ -130,8 +132,6 @@ def memory_grid(model: str | nn.Module,  # a preset or a built model
                 ema: bool | None = None,  # None: as the default recipe
                ) -> list[dict]:
     """ESTIMATED training memory (GiB) per (batch, size): weights, grads, EMA, optimiser, activations."""
-    from detlearn.models import create
-    from detlearn.recipes import default_recipe
     recipe = default_recipe(model) if isinstance(model, str) else None
     model = create(model) if isinstance(model, str) else model
     optimizer = optimizer or (recipe.train.optim.name if recipe else 'adamw')
@@ -156,7 +156,6 @@ def train_memory(model: str | nn.Module,  # a preset or a built model
                  ema: bool | None = None,  # None: as the default recipe
                 ) -> dict:
     """ESTIMATED training memory (GiB) of one configuration (`memory_grid` with one batch size and size)."""
-    from detlearn.models import create
     if img_size is None:
         model = create(model) if isinstance(model, str) else model
         img_size = tuple(model.cfg.test_size)
@@ -188,7 +187,6 @@ def measure_latency(models: dict[str, nn.Module],  # name -> model
 # %% ../../nbs/53c_bench_models.ipynb #ddd31198
 def official_ap(preset: str) -> float | None:
     """COCO val2017 box AP of the official weights of `preset`, from its family's recipes (None: unknown)."""
-    from detlearn.models import family_of
     for make_recipe in family_of(preset).recipes.values():
         recipe = make_recipe()
         if recipe.model == preset and recipe.official_ap is not None:
@@ -197,7 +195,6 @@ def official_ap(preset: str) -> float | None:
 
 
 def _all_presets() -> list[str]:
-    from detlearn.models import list_models
     return list_models()
 
 # %% ../../nbs/53c_bench_models.ipynb #15e14ff7
@@ -209,8 +206,6 @@ def model_table(presets: list[str] | None = None,  # None: every preset of every
                 memory: bool = True,  # also estimate the training memory
                ) -> list[dict]:
     """One row per preset: params, GFLOPs, CPU latency, estimated training memory and official COCO AP."""
-    from detlearn.models import create, family_of, model_info
-    from detlearn.recipes import default_recipe
     presets = presets or _all_presets()
     unknown = [p for p in presets if p not in _all_presets()]
     if unknown:

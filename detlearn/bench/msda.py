@@ -11,8 +11,9 @@ from typing import Callable
 
 import torch
 
-from .msda import ms_deform_attn_pytorch, random_msda_inputs
-from ..utils import DetlearnError
+from ..ops.msda import ms_deform_attn_pytorch, random_msda_inputs
+from ..ops.msda_cupy import ms_deform_attn_cupy
+from ..utils import MissingDependencyError
 
 # %% auto #0
 __all__ = ['DINO_4SCALE_R50_SHAPES', 'msda_traffic_bytes', 'time_cuda', 'measure_bandwidth', 'bench_msda', 'format_msda_table']
@@ -77,17 +78,16 @@ def _time_impl(fn: Callable, inputs: tuple, grad_out: torch.Tensor, iters: int) 
 
 # %% ../../nbs/12_ops_msda_bench.ipynb #54500d6e
 def _require_gpu():
-    """Raise DetlearnError unless CUDA and CuPy are available; return the kernel function."""
+    """Raise MissingDependencyError unless CUDA and CuPy are available; return the kernel function."""
     if not torch.cuda.is_available():
-        raise DetlearnError('`detlearn bench msda` times the CUDA kernel and needs an NVIDIA GPU; none was '
-                            'found (torch.cuda.is_available() is False). Run it on a GPU machine, '
-                            'e.g. a Colab T4.')
+        raise MissingDependencyError('`detlearn bench msda` times the CUDA kernel and needs an NVIDIA GPU; none '
+                                     'was found (torch.cuda.is_available() is False). Run it on a GPU machine, '
+                                     'e.g. a Colab T4.')
     try:
         import cupy  # noqa: F401
     except ImportError as e:
-        raise DetlearnError('`detlearn bench msda` needs CuPy for the kernel: `pip install cupy-cuda12x` '
-                            '(CUDA 12) or `pip install cupy-cuda13x` (CUDA 13).') from e
-    from detlearn.ops.msda_cupy import ms_deform_attn_cupy
+        raise MissingDependencyError('`detlearn bench msda` needs CuPy for the kernel: `pip install '
+                                     'cupy-cuda12x` (CUDA 12) or `pip install cupy-cuda13x` (CUDA 13).') from e
     return ms_deform_attn_cupy
 
 # %% ../../nbs/12_ops_msda_bench.ipynb #407af5d9
