@@ -82,10 +82,11 @@ def _train_recipe(args):
     recipe = _base_recipe(args)
     loop = recipe.train.loop
     if args.img_size:
-        recipe.img_size = _check_size(args.img_size, '--img-size')
+        shift = _check_size(args.img_size, '--img-size') - recipe.img_size
+        recipe.img_size = args.img_size
         recipe.test_size = None  # a recipe's test size was chosen for its own img_size
-        if loop.multiscale:
-            loop.multiscale = (max(32, args.img_size - 5 * 32), args.img_size + 5 * 32)
+        if loop.multiscale:  # the recipe's own range, moved with the size (YOLOX 640: 480-800 -> 416: 256-576)
+            loop.multiscale = (max(32, loop.multiscale[0] + shift), loop.multiscale[1] + shift)
     if args.test_size:
         recipe.test_size = _check_size(args.test_size, '--test-size')
     if args.epochs:
@@ -134,6 +135,7 @@ def run_dir(args) -> Path:
 
 def cmd_train(args) -> int:
     """`detlearn train`: build the recipe, the datasets and the Trainer; fit; say where the files are."""
+    from detlearn.models import family_of
     from detlearn.recipes import build_datasets, build_trainer
     work_dir = run_dir(args)
     recipe = _train_recipe(args)
@@ -141,9 +143,11 @@ def cmd_train(args) -> int:
     for f in files:
         if f is not None and not Path(f).exists():
             raise DataError(f"{f} does not exist")
-    train_ds, val_ds = build_datasets(recipe, *files, drop_bad=args.drop_bad_annotations)
+    family = family_of(recipe.model)  # once, handed to both
+    train_ds, val_ds = build_datasets(recipe, *files, drop_bad=args.drop_bad_annotations, family=family)
     trainer = build_trainer(recipe.model, train_ds, val_ds, work_dir=work_dir, cfg_options=args.overrides,
-                            recipe=recipe, weights=args.weights, device=args.device, progress=show_progress(args))
+                            recipe=recipe, weights=args.weights, device=args.device, progress=show_progress(args),
+                            family=family)
     trainer.fit(resume=args.resume)
     if trainer.info.is_main:
         if getattr(trainer, 'last_result', None) is not None:

@@ -17,7 +17,7 @@ from .config import LoopConfig, OptimConfig, ScheduleConfig, TrainConfig, apply_
 from .data.coco import CocoDetection
 from .hub import load_weights
 from .models import FAMILIES, create, family_of, find_family, replace_config_fields
-from .models.family import Recipe
+from .models.family import Family, Recipe
 from .models.yolox.family import YOLOXAugment
 from .train import Trainer, check_input_sizes
 from .utils import DetlearnError
@@ -71,9 +71,10 @@ RECIPES = {'shapes_demo': shapes_demo_recipe}  # recipes outside the families' o
 # %% ../nbs/50e_recipes.ipynb #4b6d618b
 def build_datasets(recipe: Recipe, train_ann, train_images, val_ann=None, val_images=None,
                    drop_bad: bool = False,  # drop what the dataset doctor flags (with a warning) instead of refusing
+                   family: Family | None = None,  # recipe.model's family when the caller has it (else looked up)
                   ) -> tuple:
     """(train dataset, validation dataset or None) for `recipe` from COCO-format files, checked by the doctor."""
-    family = family_of(recipe.model)
+    family = family or family_of(recipe.model)
     raw = CocoDetection(train_ann, train_images, drop_bad=drop_bad)
     train = family.train_dataset(raw, recipe)
     if val_ann is None:
@@ -89,32 +90,35 @@ def build_model(name: str,  # a preset, e.g. 'yolox_s'
                 num_classes: int,
                 weights: str | Path | None = None,  # a detlearn or official checkpoint to start from
                 overrides: dict | None = None,  # model config fields to change
+                family: Family | None = None,  # name's family when the caller has it (else looked up)
                ) -> nn.Module:
     """The preset `name` for `num_classes`, optionally initialised from `weights`."""
-    model = create(name, num_classes=num_classes, cfg_overrides=overrides or None)
+    if family is not None:
+        model = family.build(name, num_classes, overrides or None)
+    else:
+        model = create(name, num_classes=num_classes, cfg_overrides=overrides or None)
     if weights is not None:
         load_weights(model, weights)
     return model
 
 # %% ../nbs/50e_recipes.ipynb #0964b9b1
-def _recipe_for(model, recipe: Recipe | str | None) -> Recipe:
+def _recipe_for(model, recipe: Recipe | str | None, family: Family | None) -> Recipe:
     """The recipe to train `model` (a preset or a module) with."""
     if isinstance(recipe, str):
         return get_recipe(recipe)
     if recipe is not None:
         return recipe
     if isinstance(model, str):
-        return default_recipe(model)
-    family = find_family(model)
+        return family_of(model).default_recipe(model) if family is None else family.default_recipe(model)
     base = family.default_recipe(next(iter(family.presets))) if family else Recipe('custom', 640)
     return dataclasses.replace(base, model='custom')
 
 
-def _seeded_model(name: str, num_classes: int, weights, recipe: Recipe, seed: int) -> nn.Module:
+def _seeded_model(name: str, num_classes: int, weights, recipe: Recipe, seed: int, family: Family) -> nn.Module:
     """The preset initialised from `seed`, leaving the global random state untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the initial weights follow loop.seed: the same command trains the same network
-        return build_model(name, num_classes, weights, recipe.model_overrides)
+        return build_model(name, num_classes, weights, recipe.model_overrides, family)
 
 
 def build_trainer(model=None,  # a preset name or a module
@@ -122,16 +126,19 @@ def build_trainer(model=None,  # a preset name or a module
                   eval_dataset=None, work_dir: str | Path = 'runs/train',
                   cfg_options: dict | list | None = None,  # 'loop.epochs=12' strings or a {'loop.epochs': 12} dict
                   recipe: Recipe | str | None = None, weights: str | Path | None = None,
-                  device: str | None = None, progress: bool = True):
+                  device: str | None = None, progress: bool = True,
+                  family: Family | None = None):  # the model's family when the caller has it (else looked up)
     """A `Trainer` from a preset name (or module), datasets (or (ann, images) pairs) and overrides."""
-    recipe = _recipe_for(model, recipe)
+    family = family or (family_of(model) if isinstance(model, str) else find_family(model))  # once, passed down
+    recipe = _recipe_for(model, recipe, family)
     if isinstance(train_dataset, (tuple, list)):
-        train_dataset, ev = build_datasets(recipe, *train_dataset, *(eval_dataset or (None, None)))
+        train_dataset, ev = build_datasets(recipe, *train_dataset, *(eval_dataset or (None, None)),
+                                           family=family if recipe.model == model else None)
         eval_dataset = ev if eval_dataset is not None else None
     cfg = apply_overrides(recipe.train, cfg_options or {})
     num_classes = len(train_dataset.class_names)
     if isinstance(model, str):
-        model = _seeded_model(model, num_classes, weights, recipe, cfg.loop.seed)
+        model = _seeded_model(model, num_classes, weights, recipe, cfg.loop.seed, family)
     elif weights is not None:
         load_weights(model, weights)
     offsets = getattr(recipe.augment, 'offsets', None)  # small-image DETR augmentation: img_size + offsets
@@ -141,4 +148,4 @@ def build_trainer(model=None,  # a preset name or a module
     meta = {'model_name': recipe.model, 'img_size': recipe.eval_size, 'train_img_size': recipe.img_size,
             'num_classes': num_classes, 'model_overrides': dict(recipe.model_overrides)}
     return Trainer(model, train_dataset, eval_dataset, cfg=cfg, work_dir=work_dir, device=device,
-                   meta=meta, progress=progress)
+                   meta=meta, progress=progress, family=family)

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .distributed import (DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_object,
                                   setup_distributed, unwrap_model, wrap_model)
 from .models import find_family
+from .models.family import Family
 from .checkpoint import (checkpoint_weights, load_checkpoint, rng_state, save_checkpoint, seed_everything,
                                  set_rng_state)
 from .config import TrainConfig, config_to_dict
@@ -596,13 +597,14 @@ class Trainer(_TrainerRun):
     def __init__(self, model: nn.Module, train_dataset, val_dataset=None,
                  cfg: TrainConfig | None = None, work_dir: str | Path = 'runs/train',
                  device: str | None = None, collate_fn=None, meta: dict | None = None,
-                 progress: bool = True, plot: bool = False):
+                 progress: bool = True, plot: bool = False,
+                 family: Family | None = None):  # the model's family when the caller has it (else looked up)
         self.cfg, self.work_dir = cfg or TrainConfig(), Path(work_dir)
         self.info: DistInfo = setup_distributed(device)
         self.meta = dict(meta or {})  # how to rebuild the model: {'model_name': ..., 'img_size': ...}
         self.train_dataset, self.val_dataset, self.progress = train_dataset, val_dataset, progress
         self.collate_fn = collate_fn or _default_collate()
-        self.family = find_family(model)  # None for a model outside detlearn's families: no epoch switches
+        self.family = family or find_family(model)  # None outside detlearn's families: no epoch switches
         check_input_sizes(model, self.cfg.loop, {'training size (--img-size)': self.meta.get('train_img_size'),
                                                  'test size (--test-size)': self.meta.get('img_size')})
         self.log = RunLog(self.work_dir, self.info.is_main, plot)
