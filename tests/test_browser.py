@@ -1,7 +1,7 @@
 """The visualisation chapter in a real browser: JupyterLab + headless Chromium (playwright).
 
 Starts JupyterLab on 127.0.0.1 with a random token over a temporary folder holding a copy of
-`nbs/08_viz.ipynb`, runs all cells through the Run menu, waits for the `DatasetBrowser` widget,
+`nbs/1_foundations/08_viz.ipynb`, runs all cells through the Run menu, waits for the `DatasetBrowser` widget,
 moves its score slider with the keyboard and checks that the kernel redrew the picture.
 Screenshots go to `test-artifacts/` (git-ignored).
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOK = ROOT / 'nbs' / '08_viz.ipynb'
+NOTEBOOK = ROOT / 'nbs' / '1_foundations' / '08_viz.ipynb'
 ARTIFACTS = ROOT / 'test-artifacts'
 CHROMIUM = Path(os.environ.get('DETLEARN_CHROMIUM', '/usr/bin/chromium'))  # override to point elsewhere
 CHROMIUM_FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',

@@ -30,7 +30,7 @@ def _notebook(path: Path, *cells: str) -> Path:
 def test_every_notebook_processes(tmp_path):
     result = _run('--out', tmp_path, '--workers', '2')
     assert result.returncode == 0, result.stdout + result.stderr
-    notebooks = sorted(p.name for p in (ROOT / 'nbs').glob('*.ipynb'))
+    notebooks = sorted(p.name for p in (ROOT / 'nbs').glob('**/*.ipynb'))
     assert sorted(p.name for p in tmp_path.glob('*.ipynb')) == notebooks
     assert f'{len(notebooks)}/{len(notebooks)} notebooks processed' in result.stdout
     # the API docs were rendered: show_doc's output for an exported function is in the processed chapter

@@ -26,7 +26,7 @@ PIP = re.compile(r'pip install((?:[ \t]+(?:"[^"\n]*"|[^\s`\'"\\()]+))+)')
 def shown_texts() -> list[tuple[str, str]]:
     """(where, text) of the README and of every notebook cell."""
     texts = [('README.md', (ROOT / 'README.md').read_text())]
-    for nb in sorted((ROOT / 'nbs').glob('*.ipynb')):
+    for nb in sorted((ROOT / 'nbs').glob('**/*.ipynb')):
         for i, cell in enumerate(json.loads(nb.read_text())['cells']):
             texts.append((f'{nb.name} cell {i}', ''.join(cell['source'])))
     return texts
@@ -89,7 +89,7 @@ def test_every_pip_line_shown_works_as_written():
 
 @pytest.mark.parametrize('notebook', ['90_quick_start.ipynb', '91_colab_t4.ipynb', '93_from_modelscope.ipynb'])
 def test_tutorials_need_no_development_tools(notebook):
-    cells = json.loads((ROOT / 'nbs' / notebook).read_text())['cells']
+    cells = json.loads((ROOT / 'nbs' / '9_tutorials' / notebook).read_text())['cells']
     code = '\n'.join(''.join(c['source']) for c in cells if c['cell_type'] == 'code')
     used = set(re.findall(r'^\s*(?:from|import)\s+(\w+)', code, flags=re.M))
     assert not used & {'fastcore', 'nbdev', 'pytest', 'hypothesis', 'execnb'}, used

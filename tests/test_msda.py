@@ -8,7 +8,7 @@
 * with CUDA + CuPy: the same checks on the GPU, plus float64 gradcheck, autocast, CUDA graphs,
   every load/atomic path (16-byte, scalar for odd C or a misaligned base, sm_90 vector atomics),
   the full DINO encoder size against the float64 reference, and bit-identical deterministic runs.
-  Memory checking for later: see the compute-sanitizer command in nbs/12_ops_msda_bench.ipynb.
+  Memory checking for later: see the compute-sanitizer command in nbs/2_deformable_attention/12_ops_msda_bench.ipynb.
 """
 import ctypes
 import importlib.util

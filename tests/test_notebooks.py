@@ -12,7 +12,7 @@ import pytest
 import nbdev.test as nbt  # the module, not `from nbdev.test import test_nb`, which pytest would collect
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / 'nbs').glob('*.ipynb'))
+NOTEBOOKS = sorted(p for p in (ROOT / 'nbs').glob('**/*.ipynb') if '.ipynb_checkpoints' not in p.parts)  # book order
 FORCED = set(os.environ.get('DETLEARN_NB_FLAGS', '').split())
 # chapters whose checks depend on the CPU's precision path or compare with stored float references
 CPU_PATH = {'00b_testing.ipynb', '43c_models_dfine_family.ipynb', '50_train_utils.ipynb', '57_bench.ipynb',

@@ -130,7 +130,7 @@ def test_wheel_is_the_one_the_readme_names(wheel):
 def test_colab_install_cell_installs_detlearn(tmp_path):
     """The Colab notebook's install cell, run as on Colab but with this checkout in place of the git URL (the
     same `detlearn[extra] @ URL` requirement; no network here) in a fresh environment outside the checkout."""
-    cells = json.loads((ROOT / 'nbs' / '91_colab_t4.ipynb').read_text())['cells']
+    cells = json.loads((ROOT / 'nbs' / '9_tutorials' / '91_colab_t4.ipynb').read_text())['cells']
     (cell,) = [''.join(c['source']) for c in cells if "IN_COLAB = 'google.colab' in sys.modules" in ''.join(c['source'])]
     url = 'git+https://github.com/detlearn/detlearn'
     assert f'@ {url}' in cell

@@ -145,7 +145,7 @@ def read_allowlist(path: Path) -> set[str]:
 def collect(root: Path) -> dict[str, list[str]]:
     """Findings for every notebook in nbs/ and every module in detlearn/, keyed by relative path."""
     results = {}
-    for path in sorted((root / 'nbs').glob('*.ipynb')):
+    for path in sorted((root / 'nbs').glob('**/*.ipynb')):
         results[path.relative_to(root).as_posix()] = check_notebook(path)
     for path in sorted((root / 'detlearn').rglob('*.py')):
         if path.name != '_modidx.py':  # nbdev's generated index, not code a reader reads

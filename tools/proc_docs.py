@@ -69,13 +69,13 @@ def process(src: str, dst: str, timeout: int = 120) -> tuple[str, list[str], flo
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('notebooks', nargs='*', help='notebooks to process (default: every nbs/*.ipynb)')
+    parser.add_argument('notebooks', nargs='*', help='notebooks to process (default: every notebook under nbs/)')
     parser.add_argument('--out', help='folder for the processed notebooks (default: a temporary folder)')
     parser.add_argument('--workers', type=int, default=2)
     parser.add_argument('--timeout', type=int, default=120, help='seconds one notebook may take')
     parser.add_argument('--times', action='store_true', help="print each notebook's processing time")
     args = parser.parse_args(argv)
-    notebooks = [Path(p).resolve() for p in args.notebooks] or sorted((ROOT / 'nbs').glob('*.ipynb'))
+    notebooks = [Path(p).resolve() for p in args.notebooks] or sorted((ROOT / 'nbs').glob('**/*.ipynb'))
     out = Path(args.out or tempfile.mkdtemp(prefix='detlearn-proc-'))
     out.mkdir(parents=True, exist_ok=True)
     failed, start = 0, time.perf_counter()
