@@ -401,6 +401,8 @@ EXAMPLES = {  # command -> what `detlearn COMMAND --help` ends with
     'bench speed': ['detlearn bench speed --official-dir YOLOX/ --model yolox_s --threads 1 2 4'],
     'bench models': ['detlearn bench models', 'detlearn bench models --presets yolox_s dfine_s --no-memory'],
     'bench deploy': ['detlearn bench deploy --model dfine_s', 'detlearn bench deploy --model yolox_s --threads 4'],
+    'bench onnx': ['detlearn bench onnx --model yolox_s --threads 2',
+                   'detlearn bench onnx --model dfine_s --repeats 5'],
     'export': ['detlearn export -c runs/train/best.pth --out model.onnx',
                'detlearn export --model yolox_s --weights yolox_s.pth --out yolox_s.onnx --decode'],
     'fiftyone': ['detlearn fiftyone --ann val.json --images images/ -c runs/train/best.pth',

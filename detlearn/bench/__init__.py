@@ -15,6 +15,7 @@ import torch
 from .deploy import add_deploy_parser, cmd_deploy
 from .models import _synthetic_batch, add_models_parser, cmd_models
 from .msda import bench_msda
+from .onnx import add_onnx_parser, cmd_onnx
 from .speed import add_speed_parser, cmd_speed, machine_info
 from ..config import TrainConfig
 from ..data.samples import sample_dataset
@@ -163,6 +164,7 @@ BENCH_EXTENSIONS = {  # `detlearn bench NAME` defined in earlier chapters: (add-
     'speed': (add_speed_parser, cmd_speed),
     'models': (add_models_parser, cmd_models),
     'deploy': (add_deploy_parser, cmd_deploy),
+    'onnx': (add_onnx_parser, cmd_onnx),
 }
 
 
