@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 
 from ..backbones.hgnetv2 import LearnableAffineBlock
-from .speed import compare_forward_times, format_rows, machine_info, randomise_batchnorm_
+from .speed import (add_timing_options, compare_forward_times, format_rows, machine_info,
+                                  randomise_batchnorm_)
 from ..models import create, family_of
 from ..models.family import no_fusion
 from ..utils import CheckFailedError, DetlearnError
@@ -67,10 +68,7 @@ def add_deploy_parser(sub):
     """Add `deploy` (a family's inference conversion vs eval mode) to the `detlearn bench` sub-parsers."""
     p = sub.add_parser('deploy', help="forward time after the family's inference conversion vs eval mode")
     p.add_argument('--model', default='dfine_s', help='a YOLOX or D-FINE preset')
-    p.add_argument('--img-size', type=int, default=640, help='square input size')
-    p.add_argument('--repeats', type=int, default=15, help='interleaved rounds per thread count')
-    p.add_argument('--threads', type=int, nargs='+', default=[1, 2], help='torch thread counts to '
-                   'time, each in turn')
+    add_timing_options(p, repeats=15)
 
 
 def cmd_deploy(args) -> int:

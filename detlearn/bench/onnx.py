@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from .deploy import randomise_lab_
-from .speed import compare_forward_times, format_rows, machine_info, randomise_batchnorm_
+from .speed import (add_timing_options, compare_forward_times, format_rows, machine_info,
+                                  randomise_batchnorm_)
 from ..export import CONTRACTS, example_inputs, export_onnx, require_onnx
 from ..models import create, family_of
 from ..models.family import no_fusion
@@ -69,10 +70,8 @@ def add_onnx_parser(sub):
     """Add `onnx` (PyTorch vs ONNX Runtime on the exported file) to the `detlearn bench` sub-parsers."""
     p = sub.add_parser('onnx', help="forward time in PyTorch (eval, converted) vs ONNX Runtime on the exported file")
     p.add_argument('--model', default='yolox_s', help='a preset, e.g. yolox_s, dfine_s, dino_4scale_r50')
-    p.add_argument('--img-size', type=int, default=640, help='square input size')
-    p.add_argument('--repeats', type=int, default=10, help='interleaved rounds per thread count')
-    p.add_argument('--threads', type=int, nargs='+', default=[1, 2], help='thread counts to time, each in turn '
-                   '(PyTorch and ONNX Runtime alike)')
+    add_timing_options(p, repeats=10,
+                       threads_help='thread counts to time, each in turn (PyTorch and ONNX Runtime alike)')
 
 
 def cmd_onnx(args) -> int:

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['import_official_yolox', 'build_official_yolox', 'randomise_batchnorm_', 'time_interleaved', 'median_times',
-           'compare_forward_times', 'format_rows', 'machine_info', 'bench_yolox_vs_official', 'add_speed_parser',
-           'cmd_speed']
+           'compare_forward_times', 'format_rows', 'machine_info', 'bench_yolox_vs_official', 'add_timing_options',
+           'add_speed_parser', 'cmd_speed']
 
 # %% ../../nbs/7_training_and_use/53b_bench_speed.ipynb #e043adc7
 import copy
@@ -174,15 +174,20 @@ def bench_yolox_vs_official(official_dir: str | Path,  # a checkout of the offic
     return rows
 
 # %% ../../nbs/7_training_and_use/53b_bench_speed.ipynb #c5d05464
+def add_timing_options(p, repeats: int,  # the default number of interleaved rounds
+                       threads_help: str = 'torch thread counts to time, each in turn'):
+    """--img-size, --repeats and --threads: the options of every forward-time benchmark."""
+    p.add_argument('--img-size', type=int, default=640, help='square input size')
+    p.add_argument('--repeats', type=int, default=repeats, help='interleaved rounds per thread count')
+    p.add_argument('--threads', type=int, nargs='+', default=[1, 2], help=threads_help)
+
+
 def add_speed_parser(sub):
     """Add `speed` (detlearn's YOLOX vs the official one) to the `detlearn bench` sub-parsers."""
     p = sub.add_parser('speed', help="YOLOX forward time vs the official implementation (needs its checkout)")
     p.add_argument('--official-dir', required=True, help='checkout of github.com/Megvii-BaseDetection/YOLOX')
     p.add_argument('--model', default='yolox_s', help='a YOLOX preset')
-    p.add_argument('--img-size', type=int, default=640, help='square input size')
-    p.add_argument('--repeats', type=int, default=20, help='interleaved rounds per thread count')
-    p.add_argument('--threads', type=int, nargs='+', default=[1, 2], help='torch thread counts to '
-                   'time, each in turn')
+    add_timing_options(p, repeats=20)
 
 
 def cmd_speed(args) -> int:
