@@ -403,6 +403,8 @@ EXAMPLES = {  # command -> what `detlearn COMMAND --help` ends with
     'bench deploy': ['detlearn bench deploy --model dfine_s', 'detlearn bench deploy --model yolox_s --threads 4'],
     'bench onnx': ['detlearn bench onnx --model yolox_s --threads 2',
                    'detlearn bench onnx --model dfine_s --repeats 5'],
+    'bench bf16': ['detlearn bench bf16 -c detlearn_demo/best.pth',
+                   'detlearn bench bf16 -c runs/train/best.pth --ann val.json --images val/'],
     'export': ['detlearn export -c runs/train/best.pth --out model.onnx',
                'detlearn export --model yolox_s --weights yolox_s.pth --out yolox_s.onnx --decode'],
     'fiftyone': ['detlearn fiftyone --ann val.json --images images/ -c runs/train/best.pth',

@@ -15,7 +15,7 @@ import torch
 from .deploy import add_deploy_parser, cmd_deploy
 from .models import _synthetic_batch, add_models_parser, cmd_models
 from .msda import bench_msda
-from .onnx import add_onnx_parser, cmd_onnx
+from .onnx import add_bf16_parser, add_onnx_parser, cmd_bf16, cmd_onnx
 from .speed import add_speed_parser, cmd_speed, machine_info
 from ..config import TrainConfig
 from ..data.samples import sample_dataset
@@ -165,6 +165,7 @@ BENCH_EXTENSIONS = {  # `detlearn bench NAME` defined in earlier chapters: (add-
     'models': (add_models_parser, cmd_models),
     'deploy': (add_deploy_parser, cmd_deploy),
     'onnx': (add_onnx_parser, cmd_onnx),
+    'bf16': (add_bf16_parser, cmd_bf16),
 }
 
 
