@@ -46,10 +46,9 @@ def _answer_joins(store: dist.Store, token: str, world_size: int, timeout: timed
             raise RuntimeError(f'{world_size - 1 - joined} of the {world_size - 1} other ranks did not join the '
                                f'process group within {timeout}: is the job started on every node, with the same '
                                '--nnodes and --nproc_per_node?')
-        present = asks if store.check(asks) else [k for k in asks if store.check([k])]  # all, after a restart
-        for nonce in store.multi_get(present) if present else []:
-            if nonce not in answered:  # questions of an earlier start are answered too: no one waits for them
-                store.set(f'detlearn/answer/{nonce.decode()}', token)
+        for key in asks:
+            if store.check([key]) and (nonce := store.get(key)) not in answered:
+                store.set(f'detlearn/answer/{nonce.decode()}', token)  # an earlier start's question too: harmless
                 answered.add(nonce)
         time.sleep(0.01)
 
@@ -69,6 +68,17 @@ def round_store(store: dist.Store,  # reached by every rank; under torchrun the 
     return dist.PrefixStore(f'detlearn/{token}', store)
 
 # %% ../nbs/1_foundations/01b_distributed.ipynb #aef67fc3
+def _group_store(rank: int, world_size: int) -> dist.Store:
+    """The store at MASTER_ADDR:MASTER_PORT: torchrun's agent's when it says so (TORCHELASTIC_USE_AGENT_STORE), else
+    one that rank 0 hosts (`env://`)."""
+    if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':  # a plain client: earlier PyTorch's env:// put
+        # the agent's store under the restart count, which differs between nodes (see above)
+        return dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), world_size,
+                             is_master=False, timeout=default_pg_timeout)
+    store, _, _ = next(dist.rendezvous('env://', rank, world_size, timeout=default_pg_timeout))
+    return store
+
+
 def setup_distributed(device: str | None = None,  # 'cpu', 'cuda' or None (cuda when available)
                      ) -> DistInfo:
     """Read torchrun's environment, start the process group (NCCL on GPU, gloo on CPU), pick the device."""
@@ -79,8 +89,7 @@ def setup_distributed(device: str | None = None,  # 'cpu', 'cuda' or None (cuda 
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        store, _, _ = next(dist.rendezvous('env://', rank, world, timeout=default_pg_timeout))
-        store.set_timeout(default_pg_timeout)
+        store = _group_store(rank, world)
         dist.init_process_group('nccl' if use_cuda else 'gloo', store=round_store(store, rank, world),
                                 rank=rank, world_size=world)
     return DistInfo(rank, world, local, dev)
