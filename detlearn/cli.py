@@ -403,6 +403,8 @@ EXAMPLES = {  # command -> what `detlearn COMMAND --help` ends with
     'bench deploy': ['detlearn bench deploy --model dfine_s', 'detlearn bench deploy --model yolox_s --threads 4'],
     'bench onnx': ['detlearn bench onnx --model yolox_s --threads 2',
                    'detlearn bench onnx --model dfine_s --repeats 5'],
+    'bench data': ['detlearn bench data --recipe yolox_s_300e_coco --official YOLOX/',
+                   'detlearn bench data --recipe dfine_s_132e_coco --ann instances_train2017.json --images train2017/'],
     'export': ['detlearn export -c runs/train/best.pth --out model.onnx',
                'detlearn export --model yolox_s --weights yolox_s.pth --out yolox_s.onnx --decode'],
     'fiftyone': ['detlearn fiftyone --ann val.json --images images/ -c runs/train/best.pth',
