@@ -96,6 +96,7 @@ class _Anything(ModuleType):
 
 
 def _importable(name: str) -> bool:
+    """Whether `import name` works here."""
     try:
         importlib.import_module(name)
         return True
