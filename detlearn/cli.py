@@ -405,6 +405,8 @@ EXAMPLES = {  # command -> what `detlearn COMMAND --help` ends with
                    'detlearn bench onnx --model dfine_s --repeats 5'],
     'bench bf16': ['detlearn bench bf16 -c detlearn_demo/best.pth',
                    'detlearn bench bf16 -c runs/train/best.pth --ann val.json --images val/'],
+    'bench data': ['detlearn bench data --recipe yolox_s_300e_coco --official YOLOX/',
+                   'detlearn bench data --recipe dfine_s_132e_coco --ann instances_train2017.json --images train2017/'],
     'export': ['detlearn export -c runs/train/best.pth --out model.onnx',
                'detlearn export --model yolox_s --weights yolox_s.pth --out yolox_s.onnx --decode'],
     'fiftyone': ['detlearn fiftyone --ann val.json --images images/ -c runs/train/best.pth',

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .data import add_data_parser, cmd_data
 from .deploy import add_deploy_parser, cmd_deploy
 from .models import _synthetic_batch, add_models_parser, cmd_models
 from .msda import bench_msda
@@ -166,6 +167,7 @@ BENCH_EXTENSIONS = {  # `detlearn bench NAME` defined in earlier chapters: (add-
     'deploy': (add_deploy_parser, cmd_deploy),
     'onnx': (add_onnx_parser, cmd_onnx),
     'bf16': (add_bf16_parser, cmd_bf16),
+    'data': (add_data_parser, cmd_data),
 }
 
 

@@ -116,9 +116,12 @@ def collate_detection(batch: list,  # [(image Tensor (3, H, W), target dict), ..
     h = max(im.shape[1] for im in images)
     w = max(im.shape[2] for im in images)
     h, w = -(-h // size_divisor) * size_divisor, -(-w // size_divisor) * size_divisor  # ceil to multiple
-    padded = images[0].new_zeros((len(images), images[0].shape[0], h, w))  # (B, 3, H, W)
+    padded = images[0].new_empty((len(images), images[0].shape[0], h, w))  # (B, 3, H, W)
     masks = torch.ones((len(images), h, w), dtype=torch.bool)  # (B, H, W), True = padding
     for i, im in enumerate(images):
-        padded[i, :, :im.shape[1], :im.shape[2]] = im
-        masks[i, :im.shape[1], :im.shape[2]] = False
+        ih, iw = im.shape[1:]
+        padded[i, :, :ih, :iw] = im
+        padded[i, :, ih:] = 0  # zero only the padding: each pixel is written once
+        padded[i, :, :ih, iw:] = 0
+        masks[i, :ih, :iw] = False
     return padded, masks, list(targets)

@@ -27,13 +27,16 @@ def _to_rgb_uint8(im: Image.Image) -> np.ndarray:
         return np.repeat(gray[:, :, None], 3, axis=2)
     if im.mode == 'P' and 'transparency' in im.info:
         im = im.convert('RGBA')  # avoids PIL's palette warning
-    return np.array(im.convert('RGB'))  # a writable copy; RGBA/LA drop alpha here; L/1/P/CMYK become RGB
+    rgb = im if im.mode == 'RGB' else im.convert('RGB')  # RGBA/LA drop alpha here; L/1/P/CMYK become RGB
+    return np.array(rgb)  # a writable copy (convert() would copy an RGB image once more)
 
 # %% ../../nbs/1_foundations/02_data_coco_json.ipynb #480a054f
 def pil_to_rgb(im: Image.Image,  # an opened PIL image, any mode
               ) -> np.ndarray:  # (H, W, 3) uint8 RGB, in the EXIF-oriented (displayed) frame
     """A PIL image as a person sees it: EXIF orientation applied, RGB uint8 (for images not from a file)."""
-    return _to_rgb_uint8(ImageOps.exif_transpose(im))
+    if im.getexif().get(0x0112, 1) != 1:  # exif_transpose copies even an upright picture: only turn a tagged one
+        im = ImageOps.exif_transpose(im)
+    return _to_rgb_uint8(im)
 
 # %% ../../nbs/1_foundations/02_data_coco_json.ipynb #1aace5fc
 def load_image(path: Union[str, Path],  # an image file (JPEG, PNG, BMP, TIFF, WebP, ...)
