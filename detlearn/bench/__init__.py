@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .coco import add_annotations_parser, add_eval_parser, cmd_annotations, cmd_eval
 from .deploy import add_deploy_parser, cmd_deploy
 from .models import _synthetic_batch, add_models_parser, cmd_models
 from .msda import bench_msda
@@ -165,6 +166,8 @@ BENCH_EXTENSIONS = {  # `detlearn bench NAME` defined in earlier chapters: (add-
     'models': (add_models_parser, cmd_models),
     'deploy': (add_deploy_parser, cmd_deploy),
     'onnx': (add_onnx_parser, cmd_onnx),
+    'annotations': (add_annotations_parser, cmd_annotations),
+    'eval': (add_eval_parser, cmd_eval),
 }
 
 
