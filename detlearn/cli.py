@@ -135,6 +135,7 @@ def run_dir(args) -> Path:
 
 def cmd_train(args) -> int:
     """`detlearn train`: build the recipe, the datasets and the Trainer; fit; say where the files are."""
+    from detlearn.distributed import setup_distributed
     from detlearn.models import family_of
     from detlearn.recipes import build_datasets, build_trainer
     work_dir = run_dir(args)
@@ -144,6 +145,7 @@ def cmd_train(args) -> int:
         if f is not None and not Path(f).exists():
             raise DataError(f"{f} does not exist")
     family = family_of(recipe.model)  # once, handed to both
+    setup_distributed(args.device)  # under torchrun the process group first: rank 0 alone checks the datasets
     train_ds, val_ds = build_datasets(recipe, *files, drop_bad=args.drop_bad_annotations, family=family)
     trainer = build_trainer(recipe.model, train_ds, val_ds, work_dir=work_dir, cfg_options=args.overrides,
                             recipe=recipe, weights=args.weights, device=args.device, progress=show_progress(args),
@@ -220,7 +222,7 @@ def cmd_eval(args) -> int:
     evaluator = CocoEvaluator(ds.coco, loaded.cat_ids)
     ids = sorted(preds)
     evaluator.update(ids, [preds[i] for i in ids])
-    result = evaluator.summarize()
+    result = evaluator.summarize(progress=show_progress(args))
     print('  '.join(f'{k} {v:.3f}' for k, v in result.stats.items()))
     print(result.table())
     if args.json:
@@ -407,6 +409,10 @@ EXAMPLES = {  # command -> what `detlearn COMMAND --help` ends with
                    'detlearn bench bf16 -c runs/train/best.pth --ann val.json --images val/'],
     'bench data': ['detlearn bench data --recipe yolox_s_300e_coco --official YOLOX/',
                    'detlearn bench data --recipe dfine_s_132e_coco --ann instances_train2017.json --images train2017/'],
+    'bench annotations': ['detlearn bench annotations --ann instances_train2017.json --images train2017/',
+                          'detlearn bench annotations --ann train.json --images images/ --rounds 1'],
+    'bench eval': ['detlearn bench eval --ann instances_val2017.json --results results.json',
+                   'detlearn bench eval --ann val.json --results results.json --rounds 1'],
     'export': ['detlearn export -c runs/train/best.pth --out model.onnx',
                'detlearn export --model yolox_s --weights yolox_s.pth --out yolox_s.onnx --decode'],
     'fiftyone': ['detlearn fiftyone --ann val.json --images images/ -c runs/train/best.pth',

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['DistInfo', 'round_store', 'setup_distributed', 'all_gather_objects', 'broadcast_object', 'all_reduce_sum', 'barrier',
-           'wrap_model', 'unwrap_model']
+           'wrap_model', 'unwrap_model', 'run_on_main']
 
 # %% ../nbs/1_foundations/01b_distributed.ipynb #7c43baa1
 import os
@@ -134,3 +134,20 @@ def wrap_model(model: nn.Module, info: DistInfo, sync_bn: bool = False) -> nn.Mo
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The plain module inside a DDP wrapper."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+# %% ../nbs/1_foundations/01b_distributed.ipynb #0aea4e35
+def run_on_main(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` computed on rank 0 only and handed to every rank (its exception raised on every
+    rank); a plain call without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return fn(*args, **kwargs)
+    outcome = None
+    if dist.get_rank() == 0:
+        try:
+            outcome = (True, fn(*args, **kwargs))
+        except Exception as e:  # handed over, so that the other ranks stop instead of waiting
+            outcome = (False, e)
+    ok, value = broadcast_object(outcome)
+    if not ok:
+        raise value
+    return value

@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import LoopConfig, OptimConfig, ScheduleConfig, TrainConfig, apply_overrides
 from .data.coco import CocoDetection
+from .distributed import setup_distributed
 from .hub import load_weights
 from .models import FAMILIES, create, family_of, find_family, replace_config_fields
 from .models.family import Family, Recipe
@@ -132,6 +133,7 @@ def build_trainer(model=None,  # a preset name or a module
     family = family or (family_of(model) if isinstance(model, str) else find_family(model))  # once, passed down
     recipe = _recipe_for(model, recipe, family)
     if isinstance(train_dataset, (tuple, list)):
+        setup_distributed(device)  # under torchrun the process group first: rank 0 alone checks the datasets
         train_dataset, ev = build_datasets(recipe, *train_dataset, *(eval_dataset or (None, None)),
                                            family=family if recipe.model == model else None)
         eval_dataset = ev if eval_dataset is not None else None

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .data import add_data_parser, cmd_data
+from .coco import add_annotations_parser, add_eval_parser, cmd_annotations, cmd_eval
 from .deploy import add_deploy_parser, cmd_deploy
 from .models import _synthetic_batch, add_models_parser, cmd_models
 from .msda import bench_msda
@@ -168,6 +169,8 @@ BENCH_EXTENSIONS = {  # `detlearn bench NAME` defined in earlier chapters: (add-
     'onnx': (add_onnx_parser, cmd_onnx),
     'bf16': (add_bf16_parser, cmd_bf16),
     'data': (add_data_parser, cmd_data),
+    'annotations': (add_annotations_parser, cmd_annotations),
+    'eval': (add_eval_parser, cmd_eval),
 }
 
 

@@ -18,6 +18,7 @@ from pycocotools.coco import COCO
 from .coco_json import load_coco_json, load_image
 from .coco_json import pil_to_rgb, read_image_size  # noqa: F401  (importable from here too)
 from .doctor import check_dataset, drop_bad_annotations
+from ..distributed import run_on_main
 from ..utils import DetlearnError
 
 # %% ../../nbs/1_foundations/04b_data_coco.ipynb #0a42a13d
@@ -68,11 +69,11 @@ class CocoDetection(torch.utils.data.Dataset):
                  drop_bad: bool = False):  # instead of refusing, drop bad annotations/images with a warning
         self.ann_file, self.images_dir, self.transforms = Path(ann_file), Path(images_dir), transforms
         data = load_coco_json(self.ann_file)
-        if check or drop_bad:
-            report = check_dataset(data, self.images_dir, decode=False, ann_name=str(self.ann_file))
+        if check or drop_bad:  # under torchrun rank 0 checks, the other ranks wait for its report
+            report = run_on_main(check_dataset, data, self.images_dir, decode=False, ann_name=str(self.ann_file))
             if drop_bad and not report.ok:
-                data, _ = drop_bad_annotations(data, report)
-                report = check_dataset(data, self.images_dir, decode=False, ann_name=str(self.ann_file))
+                data, _ = drop_bad_annotations(data, report)  # every rank drops the same, by rank 0's report
+                report = run_on_main(check_dataset, data, self.images_dir, decode=False, ann_name=str(self.ann_file))
             report.raise_if_errors()
         self.coco = coco_index(data)
         self.class_names, self.cat_ids, self.cat_id_to_label = category_mapping(data['categories'])
