@@ -154,6 +154,7 @@ class OnnxDetector(nn.Module):
                                          f"{install_command('export')}") from None
         opts = onnxruntime.SessionOptions()
         if threads: opts.intra_op_num_threads = threads
+        opts.add_session_config_entry('session.intra_op.allow_spinning', '0')  # idle threads sleep: PyTorch runs next
         self.path = Path(path)
         self.session = onnxruntime.InferenceSession(str(path), opts, providers=['CPUExecutionProvider'])
         meta = self.session.get_modelmeta().custom_metadata_map

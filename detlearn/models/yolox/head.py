@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['STRIDES', 'IN_CHANNELS', 'YOLOXConfig', 'yolox_nano', 'yolox_tiny', 'yolox_s', 'yolox_m', 'yolox_l', 'yolox_x',
            'YOLOXHead', 'make_grids', 'decode_boxes', 'fold_conv_bn', 'fuse_conv_bn', 'onednn_pointwise_available',
-           'ConvSiLU', 'fuse_conv_silu']
+           'ConvSiLU', 'fuse_conv_silu', 'onednn_bf16_available', 'PrepackedConv', 'prepack_convs']
 
 # %% ../../../nbs/3_yolox/22_models_yolox_head.ipynb #975fbbfc
 import functools
@@ -191,5 +191,81 @@ def fuse_conv_silu(module: nn.Module) -> int:
                            device=conv.weight.device, dtype=conv.weight.dtype)
             new.weight, new.bias = conv.weight, conv.bias  # the same parameters, same names
             block.conv, block.act = new, nn.Identity()
+            count += 1
+    return count
+
+# %% ../../../nbs/3_yolox/22_models_yolox_head.ipynb #25cccc37
+@functools.cache
+def onednn_bf16_available() -> bool:
+    """Whether oneDNN runs bf16 convolutions here (AVX-512 or AMX cores, not capped by ONEDNN_MAX_CPU_ISA)."""
+    return onednn_pointwise_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+class PrepackedConv(nn.Conv2d):
+    """A Conv2d (SiLU fused where `post_op='swish'`) whose CPU inference reuses a weight oneDNN laid out once."""
+    max_shapes = 4  # input shapes whose packed weight is kept (the oldest is dropped beyond)
+
+    def __init__(self, *args, post_op: str = 'none',  # 'none' or 'swish' (conv then SiLU)
+                 compute_dtype: torch.dtype | None = None,  # e.g. torch.bfloat16; None: the input's dtype
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.post_op, self.compute_dtype, self._packed = post_op, compute_dtype, {}
+
+    def uses_onednn(self, x: Tensor) -> bool:
+        """Whether `forward(x)` takes the prepacked oneDNN call (else the plain convolution)."""
+        dtype = self.compute_dtype or x.dtype
+        native = dtype == torch.float32 or (dtype == torch.bfloat16 and onednn_bf16_available())
+        return (x.device.type == 'cpu' and x.dtype in (torch.float32, torch.bfloat16) and native
+                and not torch.is_grad_enabled() and self.padding_mode == 'zeros' and not isinstance(self.padding, str)
+                and not _exporting() and onednn_pointwise_available())
+
+    def _weight_for(self, shape: tuple, dtype: torch.dtype) -> tuple:
+        key = (shape, dtype)
+        if key not in self._packed:
+            if len(self._packed) >= self.max_shapes:
+                self._packed.pop(next(iter(self._packed)))
+            w = self.weight.detach().to(dtype).to_mkldnn()  # (C_out, C_in/groups, k, k), oneDNN tensor
+            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w, self.padding, self.stride, self.dilation,
+                                                                self.groups, list(shape))
+            self._packed[key] = packed, None if self.bias is None else self.bias.detach().to(dtype)
+        return self._packed[key]
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H', W')
+        if self.uses_onednn(x):
+            dtype = self.compute_dtype or x.dtype
+            weight, bias = self._weight_for(tuple(x.shape), dtype)
+            y = torch.ops.mkldnn._convolution_pointwise(x.to(dtype), weight, bias, self.padding, self.stride,
+                                                         self.dilation, self.groups, self.post_op, [], '')
+            return y.to(x.dtype)
+        dtype = self.compute_dtype or x.dtype
+        if dtype == x.dtype:
+            y = super().forward(x)
+        else:  # the same rounding as the oneDNN path, on any device
+            bias = None if self.bias is None else self.bias.to(dtype)
+            y = self._conv_forward(x.to(dtype), self.weight.to(dtype), bias).to(x.dtype)
+        return F.silu(y) if self.post_op == 'swish' else y
+
+    def _apply(self, fn, recurse=True):  # .to(), .half(), ...: the packed copies would be stale
+        self._packed = {}
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):  # copy.deepcopy / pickle: oneDNN tensors have no storage to copy; repack on use
+        return {**super().__getstate__(), '_packed': {}}
+
+
+def prepack_convs(module: nn.Module,
+                  compute_dtype: torch.dtype | None = None,  # torch.bfloat16: the convolutions in bf16
+                 ) -> int:
+    """Swap, in place, each zero-padded `Conv2d` / `ConvSiLU` for a `PrepackedConv` on the same parameters; count."""
+    count = 0
+    for parent in list(module.modules()):
+        for name, conv in list(parent.named_children()):
+            if type(conv) not in (nn.Conv2d, ConvSiLU) or conv.padding_mode != 'zeros' or isinstance(conv.padding, str):
+                continue
+            new = PrepackedConv(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                                conv.dilation, conv.groups, bias=conv.bias is not None, device='meta',
+                                post_op='swish' if type(conv) is ConvSiLU else 'none', compute_dtype=compute_dtype)
+            new.weight, new.bias = conv.weight, conv.bias  # the same parameters, same names
+            setattr(parent, name, new)
             count += 1
     return count
