@@ -36,8 +36,9 @@ def _add_train(sub):
     p.add_argument('--val-ann', metavar='A.json', help='COCO annotation file to evaluate on (default: no evaluation)')
     p.add_argument('--val-images', metavar='DIR', help='the folder of --val-ann\'s images')
     p.add_argument('--epochs', type=int, help="training epochs (default: the recipe's)")
-    p.add_argument('--batch-size', type=int, help="images per optimiser step, all GPUs together (default: the "
-                                                   "recipe's)")
+    p.add_argument('--batch-size', type=int, help="images per process (per GPU under torchrun); an optimiser step "
+                                                   "sees this x the number of processes x loop.accumulate (default: "
+                                                   "the recipe's)")
     p.add_argument('--img-size', type=int, help="training input size (default: the recipe's, e.g. 640)")
     p.add_argument('--seed', type=int, help="random seed (default: the recipe's, 0)")
     p.add_argument('--test-size', type=int, help='evaluation/inference size (default: the training size)')

@@ -269,13 +269,23 @@ def bench_eval(ann, results,  # a COCO annotation file and a COCO results file f
     return rows
 
 # %% ../../nbs/7_training_and_use/53e_bench_coco.ipynb #9d850d84
+def _add_files_parser(sub, name: str, help: str,
+                      ann_help: str,  # what --ann is
+                      second: tuple[str, str, str],  # (option, metavar, help) of the path that goes with --ann
+                     ) -> None:
+    """A `detlearn bench` sub-command that takes --ann, one more required path and --rounds."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument('--ann', required=True, metavar='A.json', help=ann_help)
+    option, metavar, option_help = second
+    p.add_argument(option, required=True, metavar=metavar, help=option_help)
+    p.add_argument('--rounds', type=int, default=3, help='measurements of each, alternating (one process each)')
+
+
 def add_annotations_parser(sub):
     """Add `annotations` (opening a COCO file: detlearn's training set vs pycocotools) to `detlearn bench`."""
-    p = sub.add_parser('annotations', help="time and peak memory of opening a COCO file as detlearn's training "
-                                           "set (with the dataset doctor) vs pycocotools' COCO")
-    p.add_argument('--ann', required=True, metavar='A.json', help='a COCO annotation file')
-    p.add_argument('--images', required=True, metavar='DIR', help="the folder of the file's images")
-    p.add_argument('--rounds', type=int, default=3, help='measurements of each, alternating (one process each)')
+    _add_files_parser(sub, 'annotations', "time and peak memory of opening a COCO file as detlearn's training set "
+                                          "(with the dataset doctor) vs pycocotools' COCO",
+                      'a COCO annotation file', ('--images', 'DIR', "the folder of the file's images"))
 
 
 def cmd_annotations(args) -> int:
@@ -286,11 +296,10 @@ def cmd_annotations(args) -> int:
 
 def add_eval_parser(sub):
     """Add `eval` (scoring a results file: detlearn vs pycocotools and faster-coco-eval) to `detlearn bench`."""
-    p = sub.add_parser('eval', help='time and peak memory of COCO evaluation: detlearn vs pycocotools '
-                                    'and faster-coco-eval')
-    p.add_argument('--ann', required=True, metavar='A.json', help='the ground-truth COCO annotation file')
-    p.add_argument('--results', required=True, metavar='R.json', help='a COCO results file (a list of detections)')
-    p.add_argument('--rounds', type=int, default=3, help='measurements of each, alternating (one process each)')
+    _add_files_parser(sub, 'eval', 'time and peak memory of COCO evaluation: detlearn vs pycocotools '
+                                   'and faster-coco-eval',
+                      'the ground-truth COCO annotation file',
+                      ('--results', 'R.json', 'a COCO results file (a list of detections)'))
 
 
 def cmd_eval(args) -> int:

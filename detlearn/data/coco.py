@@ -8,12 +8,14 @@ __all__ = ['category_mapping', 'coco_target', 'quiet_pycocotools', 'coco_index',
 # %% ../../nbs/1_foundations/04b_data_coco.ipynb #c0c0b004
 import contextlib
 import io
+import math
 from pathlib import Path
 from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
 from pycocotools.coco import COCO
+from torch.utils.data import get_worker_info
 
 from .coco_json import load_coco_json, load_image
 from .coco_json import pil_to_rgb, read_image_size  # noqa: F401  (importable from here too)
@@ -101,6 +103,16 @@ class CocoDetection(torch.utils.data.Dataset):
         return f"CocoDetection({self.ann_file.name}: {len(self)} images, {len(self.class_names)} classes)"
 
 # %% ../../nbs/1_foundations/04b_data_coco.ipynb #0ab011f0
+def _new_batch_tensor(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor; in a DataLoader worker, on the CPU, allocated in shared memory."""
+    if device.type != 'cpu' or get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    # a worker sends a shared tensor to the main process as a handle, any other one it first copies into shared
+    # memory: allocate there from the start (as torch's default_collate does)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
 def collate_detection(batch: list,  # [(image Tensor (3, H, W), target dict), ...]
                       size_divisor: int = 1,  # pad H and W up to a multiple of this (e.g. 32)
                      # images (B, 3, H, W) float, masks (B, H, W) bool True = padding, targets list
@@ -117,8 +129,9 @@ def collate_detection(batch: list,  # [(image Tensor (3, H, W), target dict), ..
     h = max(im.shape[1] for im in images)
     w = max(im.shape[2] for im in images)
     h, w = -(-h // size_divisor) * size_divisor, -(-w // size_divisor) * size_divisor  # ceil to multiple
-    padded = images[0].new_empty((len(images), images[0].shape[0], h, w))  # (B, 3, H, W)
-    masks = torch.ones((len(images), h, w), dtype=torch.bool)  # (B, H, W), True = padding
+    B, C = len(images), images[0].shape[0]
+    padded = _new_batch_tensor((B, C, h, w), images[0].dtype, images[0].device)  # (B, 3, H, W)
+    masks = _new_batch_tensor((B, h, w), torch.bool, torch.device('cpu')).fill_(True)  # (B, H, W), True = padding
     for i, im in enumerate(images):
         ih, iw = im.shape[1:]
         padded[i, :, :ih, :iw] = im

@@ -168,15 +168,18 @@ def mixup(image: np.ndarray, target: dict, other_image: np.ndarray, other_target
     return blended, concat_targets([target, other], (S_h, S_w))
 
 # %% ../../nbs/1_foundations/05b_data_transforms_yolox.ipynb #3e08e83e
-def yolox_transforms(train: bool, img_size: int | tuple[int, int] = 640) -> Compose:
+def yolox_transforms(train: bool, img_size: int | tuple[int, int] = 640,
+                     hsv_prob: float = 1.0,  # train: probability of the HSV jitter (YOLOX's hsv_prob)
+                     flip_prob: float = 0.5,  # train: probability of the horizontal flip (YOLOX's flip_prob)
+                    ) -> Compose:
     """YOLOX per-sample pipeline: (train: HSV jitter, flip) + letterbox + ToTensor(BGR 0-255, no norm)."""
     to_tensor = ToTensor(scale=1.0, bgr=True)  # official weights >= 0.1.1rc0 expect BGR 0-255
     if not train:
         return Compose([Letterbox(img_size), to_tensor])
     return Compose(
         [
-            RandomHSV(),
-            RandomHorizontalFlip(0.5),
+            RandomHSV(p=hsv_prob),
+            RandomHorizontalFlip(flip_prob),
             Letterbox(img_size),
             SanitizeBoxes(min_size=1.0),
             to_tensor,

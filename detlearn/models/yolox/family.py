@@ -10,7 +10,7 @@ __all__ = ['YOLOX_RECIPES', 'OFFICIAL_RELEASE', 'YOLOX_PRESETS', 'YOLOX_OFFICIAL
 
 # %% ../../../nbs/3_yolox/23c_models_yolox_family.ipynb #c38a7ecc
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -33,19 +33,30 @@ from ...utils import DetlearnError
 # %% ../../../nbs/3_yolox/23c_models_yolox_family.ipynb #7b50d770
 @dataclass
 class YOLOXAugment:
-    """YOLOX's strong augmentation: Mosaic (+ random affine) and MixUp."""
+    """YOLOX's strong augmentation: Mosaic (+ random affine), MixUp, HSV jitter and flips."""
     mosaic_prob: float = 1.0                     # 0 = no Mosaic (then no MixUp either)
     mixup: bool = True                           # YOLOX-nano/tiny train without MixUp
     mosaic_scale: tuple[float, float] = (0.1, 2.0)  # random affine scale range after Mosaic
+    mixup_prob: float = 1.0                      # MixUp on a Mosaic sample that kept a box, when `mixup`
+    mixup_scale: tuple[float, float] = (0.5, 1.5)  # rescaling of the image blended in
+    degrees: float = 10.0                        # affine rotation, uniform in (-degrees, degrees)
+    translate: float = 0.1                       # affine shift, uniform in (-translate, translate) x size
+    shear: float = 2.0                           # affine shear, uniform in (-shear, shear) degrees
+    hsv_prob: float = 1.0                        # HSV jitter
+    flip_prob: float = 0.5                       # horizontal flip
 
 
-_YOLOX_COCO = {  # size: (img_size, mosaic_scale, mixup, official AP on val2017)
-    'nano': (416, (0.5, 1.5), False, 25.8),
-    'tiny': (416, (0.5, 1.5), False, 32.8),
-    's': (640, (0.1, 2.0), True, 40.5),
-    'm': (640, (0.1, 2.0), True, 46.9),
-    'l': (640, (0.1, 2.0), True, 49.7),
-    'x': (640, (0.1, 2.0), True, 51.1),
+_YOLOX_COCO = {  # size: (img_size, multi-scale range in strides of 32, official AP on val2017)
+    'nano': (416, (10, 20), 25.8),  # random_size = (10, 20): 320..640, set by the exp file
+    'tiny': (416, (10, 20), 32.8),
+    's': (640, (15, 25), 40.5),  # 640 / 32 -+ multiscale_range 5: 480..800
+    'm': (640, (15, 25), 46.9),
+    'l': (640, (15, 25), 49.7),
+    'x': (640, (15, 25), 51.1),
+}
+_YOLOX_AUGMENT = {  # what the nano and tiny exp files change; the other sizes keep YOLOXAugment's defaults
+    'nano': YOLOXAugment(mosaic_prob=0.5, mixup=False, mosaic_scale=(0.5, 1.5)),
+    'tiny': YOLOXAugment(mixup=False, mosaic_scale=(0.5, 1.5)),
 }
 
 
@@ -55,14 +66,15 @@ def yolox_coco_recipe(size: str,  # nano, tiny, s, m, l or x
     """The official YOLOX COCO schedule for `size`."""
     if size not in _YOLOX_COCO:
         raise DetlearnError(f"unknown YOLOX size {size!r}; use one of {', '.join(_YOLOX_COCO)}")
-    img, scale, mixup, ap = _YOLOX_COCO[size]
+    img, (k_min, k_max), ap = _YOLOX_COCO[size]
     loop = LoopConfig(epochs=epochs, batch_size=8, ema_decay=0.9998, eval_every=10, no_aug_epochs=15,
-                      multiscale=(img - 5 * 32, img + 5 * 32))  # 640 +- 5*32 (416: 256..576)
+                      multiscale=(32 * k_min, 32 * k_max))
     optim = OptimConfig(name='sgd', lr=0.01 / 64, momentum=0.9, nesterov=True, weight_decay=5e-4)
     schedule = ScheduleConfig(name='cosine', warmup_epochs=5, warmup_power=2, min_lr_ratio=0.05,
                               final_flat_epochs=15)
+    augment = replace(_YOLOX_AUGMENT.get(size, YOLOXAugment()))  # a copy: a caller may change its recipe's
     return Recipe(f'yolox_{size}', img, TrainConfig(optim=optim, schedule=schedule, loop=loop),
-                  augment=YOLOXAugment(1.0, mixup, scale), official_ap=ap)
+                  augment=augment, official_ap=ap)
 
 
 YOLOX_RECIPES = {  # recipe name -> the function that builds it
@@ -79,9 +91,11 @@ def yolox_train_dataset(raw: Dataset,  # a CocoDetection built with transforms=N
                         recipe: Recipe) -> Dataset:
     """The YOLOX training set: Mosaic + affine + MixUp, then HSV, flip and letterbox."""
     aug = recipe.augment or YOLOXAugment()
-    return MosaicMixupDataset(raw, recipe.img_size, yolox_transforms(True, recipe.img_size),
-                              mosaic_prob=aug.mosaic_prob, enable_mixup=aug.mixup,
-                              mosaic_scale=tuple(aug.mosaic_scale))
+    per_sample = yolox_transforms(True, recipe.img_size, hsv_prob=aug.hsv_prob, flip_prob=aug.flip_prob)
+    return MosaicMixupDataset(raw, recipe.img_size, per_sample, mosaic_prob=aug.mosaic_prob,
+                              mixup_prob=aug.mixup_prob, degrees=aug.degrees, translate=aug.translate,
+                              mosaic_scale=tuple(aug.mosaic_scale), mixup_scale=tuple(aug.mixup_scale),
+                              shear=aug.shear, enable_mixup=aug.mixup)
 
 
 def yolox_eval_transforms(cfg: YOLOXConfig,
