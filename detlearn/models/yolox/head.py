@@ -194,7 +194,7 @@ def fuse_conv_silu(module: nn.Module) -> int:
             count += 1
     return count
 
-# %% ../../../nbs/3_yolox/22_models_yolox_head.ipynb #25cccc37
+# %% ../../../nbs/3_yolox/22_models_yolox_head.ipynb #53a817c9
 @functools.cache
 def onednn_bf16_available() -> bool:
     """Whether oneDNN runs bf16 convolutions here (AVX-512 or AMX cores, not capped by ONEDNN_MAX_CPU_ISA)."""
