@@ -18,7 +18,7 @@ from .deploy import add_deploy_parser, cmd_deploy
 from .models import _synthetic_batch, add_models_parser, cmd_models
 from .msda import bench_msda
 from .onnx import add_bf16_parser, add_onnx_parser, cmd_bf16, cmd_onnx
-from .speed import add_speed_parser, cmd_speed, machine_info
+from .speed import add_speed_parser, add_trainstep_parser, cmd_speed, cmd_trainstep, machine_info
 from ..config import TrainConfig
 from ..data.samples import sample_dataset
 from ..demo import run_demo
@@ -164,6 +164,7 @@ def add_bench_parser(sub):
 
 BENCH_EXTENSIONS = {  # `detlearn bench NAME` defined in earlier chapters: (add-parser, run)
     'speed': (add_speed_parser, cmd_speed),
+    'trainstep': (add_trainstep_parser, cmd_trainstep),
     'models': (add_models_parser, cmd_models),
     'deploy': (add_deploy_parser, cmd_deploy),
     'onnx': (add_onnx_parser, cmd_onnx),

@@ -4,8 +4,9 @@
 
 # %% auto #0
 __all__ = ['import_official_yolox', 'build_official_yolox', 'randomise_batchnorm_', 'time_interleaved', 'median_times',
-           'compare_forward_times', 'format_rows', 'machine_info', 'bench_yolox_vs_official', 'add_timing_options',
-           'add_speed_parser', 'cmd_speed']
+           'compare_forward_times', 'format_rows', 'machine_info', 'bench_yolox_vs_official',
+           'bench_yolox_train_vs_official', 'add_timing_options', 'add_speed_parser', 'cmd_speed',
+           'add_trainstep_parser', 'cmd_trainstep']
 
 # %% ../../nbs/7_training_and_use/53b_bench_speed.ipynb #e043adc7
 import copy
@@ -25,6 +26,8 @@ from torch import Tensor
 
 from ..models import create
 from ..models.yolox import YOLOX, YOLOXConfig
+from ..models.yolox.loss import yolox_targets
+from ..train_utils import cpu_has_bf16
 from ..utils import CheckFailedError, DetlearnError, MissingDependencyError, usable_cpus
 
 # %% ../../nbs/7_training_and_use/53b_bench_speed.ipynb #c442355f
@@ -122,9 +125,10 @@ def compare_forward_times(models: dict[str, nn.Module],  # name -> model in eval
 
 def format_rows(rows: list[dict]) -> str:
     """The rows of `compare_forward_times` as a fixed-width table."""
-    lines = [f"{'threads':>7}  {'model':<16}{'wall ms':>9}{'cpu ms':>9}{'wall ratio':>12}{'cpu ratio':>11}"]
+    w = max([16] + [len(r['model']) + 1 for r in rows])  # the name column
+    lines = [f"{'threads':>7}  {'model':<{w}}{'wall ms':>9}{'cpu ms':>9}{'wall ratio':>12}{'cpu ratio':>11}"]
     for r in rows:
-        lines.append(f"{r['threads']:>7}  {r['model']:<16}{r['wall_ms']:>9.1f}{r['cpu_ms']:>9.1f}"
+        lines.append(f"{r['threads']:>7}  {r['model']:<{w}}{r['wall_ms']:>9.1f}{r['cpu_ms']:>9.1f}"
                      f"{r['wall_ratio']:>12.3f}{r['cpu_ratio']:>11.3f}")
     return '\n'.join(lines)
 
@@ -173,6 +177,130 @@ def bench_yolox_vs_official(official_dir: str | Path,  # a checkout of the offic
         print(format_rows([r for r in rows if r['threads'] == n]), flush=True)
     return rows
 
+# %% ../../nbs/7_training_and_use/53b_bench_speed.ipynb #d2962094
+def _synthetic_yolox_batch(batch: int, size: int, num_classes: int, seed: int) -> tuple:
+    """Images (B, 3, S, S) 0–255, detlearn targets (xyxy boxes, labels) and the same boxes as official labels."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch, 3, size, size, generator=g) * 255
+    targets, official = [], torch.zeros(batch, 120, 5)  # official: (B, 120, [class, cx, cy, w, h]), zero = padding
+    for b in range(batch):
+        n = 1 + b % 8  # 1 to 8 objects
+        centre = torch.rand(n, 2, generator=g) * size * 0.8 + size * 0.1
+        wh = torch.rand(n, 2, generator=g) * size * 0.3 + 8
+        boxes = torch.cat([centre - wh / 2, centre + wh / 2], 1).clamp(0, size)  # (n, 4) xyxy
+        labels = torch.randint(0, num_classes, (n,), generator=g)
+        targets.append({'boxes': boxes, 'labels': labels})
+        official[b, :n] = torch.cat([labels[:, None].float(), (boxes[:, :2] + boxes[:, 2:]) / 2,
+                                     boxes[:, 2:] - boxes[:, :2]], 1)
+    return images, targets, official
+
+
+def _sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, nesterov=True)  # YOLOX's optimiser kind
+
+
+def _detlearn_step(model: YOLOX, images: Tensor, targets: list, phases: dict, name: str,
+                   amp_dtype: torch.dtype | None = None) -> Callable:
+    """One training step of a detlearn YOLOX as a call; `call(profile=True)` also records its phases."""
+    opt = _sgd(model)
+
+    def step(profile: bool = False) -> Tensor:
+        marks = [time.perf_counter()]
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast('cpu', amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            out = model(images)
+            marks.append(time.perf_counter())
+            if profile:  # SimOTA alone (the loss below runs it again): only in the profiling steps
+                with torch.no_grad():
+                    yolox_targets(out, targets, model.cfg.num_classes, model.criterion.assign_options)
+                marks.append(time.perf_counter())
+            loss = model.loss(out, targets)['loss']
+        marks.append(time.perf_counter())
+        loss.backward()
+        marks.append(time.perf_counter())
+        opt.step()
+        marks.append(time.perf_counter())
+        if profile:
+            for part, a, b in zip(('forward', 'SimOTA', 'losses', 'backward', 'SGD'), marks, marks[1:]):
+                phases.setdefault(name, {}).setdefault(part, []).append(b - a)
+        return loss
+    return step
+
+
+def _official_step(model: nn.Module, images: Tensor, labels: Tensor, phases: dict) -> Callable:
+    """One training step of the official YOLOX (its head computes SimOTA and the losses in its forward)."""
+    opt = _sgd(model)
+
+    def step(profile: bool = False) -> Tensor:
+        marks = [time.perf_counter()]
+        opt.zero_grad(set_to_none=True)
+        loss = model(images, labels)['total_loss']
+        marks.append(time.perf_counter())
+        loss.backward()
+        marks.append(time.perf_counter())
+        opt.step()
+        marks.append(time.perf_counter())
+        if profile:
+            for part, a, b in zip(('forward+SimOTA+losses', 'backward', 'SGD'), marks, marks[1:]):
+                phases.setdefault('official', {}).setdefault(part, []).append(b - a)
+        return loss
+    return step
+
+
+def bench_yolox_train_vs_official(official_dir: str | Path,  # a checkout of the official YOLOX
+                                  preset: str = 'yolox_nano', img_size: int = 320, batch_size: int = 16,
+                                  repeats: int = 6,  # interleaved steps per thread count (medians are reported)
+                                  threads: tuple[int, ...] = (2,), seed: int = 0,
+                                 ) -> list[dict]:
+    """Training-step time (forward, SimOTA, losses, backward, SGD) of detlearn's YOLOX over the official one."""
+    yolox = import_official_yolox(official_dir)
+    torch.manual_seed(seed)
+    ours = create(preset)
+    if not isinstance(ours, YOLOX):
+        raise DetlearnError(f"{preset!r} is not a YOLOX preset; compare yolox_nano … yolox_x")
+    official = build_official_yolox(yolox, ours.cfg).train()
+    ours.load_state_dict(official.state_dict())  # YOLOX: official names = detlearn names
+    ours.train()
+    nhwc = copy.deepcopy(ours).to(memory_format=torch.channels_last)  # what `loop.channels_last` trains
+    images, targets, labels = _synthetic_yolox_batch(batch_size, img_size, ours.cfg.num_classes, seed)
+    phases: dict[str, dict[str, list[float]]] = {}
+    steps = {'official': _official_step(official, images, labels, phases),
+             'detlearn': _detlearn_step(ours, images, targets, phases, 'detlearn'),
+             'detlearn NHWC': _detlearn_step(nhwc, images, targets, phases, 'detlearn NHWC')}
+    if cpu_has_bf16():  # `loop.cpu_amp` too: bf16 autocast, where the cores have bf16 dot products
+        steps['detlearn NHWC bf16'] = _detlearn_step(copy.deepcopy(nhwc), images, targets, phases,
+                                                     'detlearn NHWC bf16', torch.bfloat16)
+    first = {name: step().item() for name, step in steps.items()}  # the same weights and batch
+    for name in ('detlearn', 'detlearn NHWC'):  # float32: the same loss (bf16 rounds, so it may differ a little)
+        if abs(first[name] - first['official']) > 1e-4 * abs(first['official']):
+            raise CheckFailedError(f"{name}'s loss {first[name]:.6f} differs from the official "
+                                   f"{first['official']:.6f} on the same weights and batch: not comparing speeds")
+    info = machine_info()
+    print(f"{preset}, {batch_size}×3×{img_size}×{img_size}, one training step (forward, SimOTA, losses, backward, "
+          f"SGD), float32 unless named; {info['cpu']} ({info['cores']} cores), torch {info['torch']}, "
+          f"{info['date']}; median of {repeats} interleaved steps; first loss "
+          + ', '.join(f'{k} {v:.4f}' for k, v in first.items()) + '; ratio = / official', flush=True)
+    rows, old = [], torch.get_num_threads()
+    try:
+        for n in threads:
+            torch.set_num_threads(n)
+            times = median_times(time_interleaved(steps, repeats))
+            base = times['official']
+            for name, t in times.items():
+                rows.append(dict(threads=n, model=name, wall_ms=1e3 * t['wall'], cpu_ms=1e3 * t['cpu'],
+                                 wall_ratio=t['wall'] / base['wall'], cpu_ratio=t['cpu'] / base['cpu']))
+            print(format_rows([r for r in rows if r['threads'] == n]), flush=True)
+            phases.clear()
+            for _ in range(max(3, repeats // 2)):  # where the time goes: separate steps, alternating
+                for step in steps.values():
+                    step(profile=True)
+            print(f'where the time goes ({n} threads), median ms per step:')
+            for name, parts in phases.items():
+                print(f"  {name:<20}" + ', '.join(f'{k} {1e3 * statistics.median(v):.0f}' for k, v in parts.items()))
+    finally:
+        torch.set_num_threads(old)
+    return rows
+
 # %% ../../nbs/7_training_and_use/53b_bench_speed.ipynb #c5d05464
 def add_timing_options(p, repeats: int,  # the default number of interleaved rounds
                        threads_help: str = 'torch thread counts to time, each in turn'):
@@ -193,4 +321,23 @@ def add_speed_parser(sub):
 def cmd_speed(args) -> int:
     """Run `detlearn bench speed`."""
     bench_yolox_vs_official(args.official_dir, args.model, args.img_size, args.repeats, tuple(args.threads))
+    return 0
+
+
+def add_trainstep_parser(sub):
+    """Add `trainstep` (detlearn's YOLOX training step vs the official one) to the `detlearn bench` sub-parsers."""
+    p = sub.add_parser('trainstep', help="YOLOX training-step time (forward, SimOTA, losses, backward, SGD) vs "
+                                         "the official implementation (needs its checkout)")
+    p.add_argument('--official-dir', required=True, help='checkout of github.com/Megvii-BaseDetection/YOLOX')
+    p.add_argument('--model', default='yolox_nano', help='a YOLOX preset')
+    p.add_argument('--batch-size', type=int, default=16, help='images per step')
+    p.add_argument('--img-size', type=int, default=320, help='square input size')
+    p.add_argument('--repeats', type=int, default=6, help='interleaved steps per thread count')
+    p.add_argument('--threads', type=int, nargs='+', default=[2], help='torch thread counts to time, each in turn')
+
+
+def cmd_trainstep(args) -> int:
+    """Run `detlearn bench trainstep`."""
+    bench_yolox_train_vs_official(args.official_dir, args.model, args.img_size, args.batch_size, args.repeats,
+                                  tuple(args.threads))
     return 0

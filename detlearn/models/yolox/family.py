@@ -68,7 +68,8 @@ def yolox_coco_recipe(size: str,  # nano, tiny, s, m, l or x
         raise DetlearnError(f"unknown YOLOX size {size!r}; use one of {', '.join(_YOLOX_COCO)}")
     img, (k_min, k_max), ap = _YOLOX_COCO[size]
     loop = LoopConfig(epochs=epochs, batch_size=8, ema_decay=0.9998, eval_every=10, no_aug_epochs=15,
-                      multiscale=(32 * k_min, 32 * k_max))
+                      multiscale=(32 * k_min, 32 * k_max),
+                      channels_last=True)  # NHWC convolutions: a CPU step in 0.7x the NCHW time (53b)
     optim = OptimConfig(name='sgd', lr=0.01 / 64, momentum=0.9, nesterov=True, weight_decay=5e-4)
     schedule = ScheduleConfig(name='cosine', warmup_epochs=5, warmup_power=2, min_lr_ratio=0.05,
                               final_flat_epochs=15)
