@@ -119,6 +119,7 @@ def bench_onnx(preset: str = 'yolox_s', img_size: int = 640,
                repeats: int = 10,  # interleaved rounds per thread count (medians are reported)
                threads: tuple[int, ...] = (1, 2), seed: int = 0,
                compile: bool = False,  # also time `torch.compile` of the converted model (a minute or more to build)
+               pause: float = 0.1,  # seconds of sleep before each timed call: every engine starts on idle cores
               ) -> list[dict]:
     """Forward time of a preset in PyTorch (eval, converted, prepacked, bf16 where native) over ONNX Runtime's."""
     require_onnx()
@@ -129,7 +130,8 @@ def bench_onnx(preset: str = 'yolox_s', img_size: int = 640,
     feed = {name: t.numpy() for name, t in zip(CONTRACTS[family.onnx_contract][0], inputs)}
     info = machine_info()
     print(f"{preset} at {img_size}×{img_size}, batch 1, forward; {info['cpu']} ({info['cores']} cores), "
-          f"torch {info['torch']}, {info['date']}; median of {repeats} interleaved rounds; ratio = / onnxruntime")
+          f"torch {info['torch']}, {info['date']}; median of {repeats} interleaved rounds, {pause} s apart; "
+          "ratio = / onnxruntime")
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / f'{preset}.onnx'
         with torch.no_grad():
@@ -145,7 +147,7 @@ def bench_onnx(preset: str = 'yolox_s', img_size: int = 640,
                 engines['prepacked bf16'] = fastest_cpu_model(model, bf16=True)
             if compile:
                 engines['compiled'] = compiled_model(family.fuse(copy.deepcopy(model)))
-            rows += compare_forward_times(engines, inputs[0], repeats, (n,))
+            rows += compare_forward_times(engines, inputs[0], repeats, (n,), pause=pause)
             print(format_rows([r for r in rows if r['threads'] == n]), flush=True)
     gflops, peak = model_info(model, img_size)['gflops'], cpu_fp32_peak()
     gemm = {n: gemm_gflops(n) for n in threads}

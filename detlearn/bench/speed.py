@@ -82,6 +82,7 @@ def randomise_batchnorm_(model: nn.Module, seed: int = 0) -> nn.Module:
 # %% ../../nbs/7_training_and_use/53b_bench_speed.ipynb #869ed3bc
 def time_interleaved(fns: dict[str, Callable[[], object]],  # name -> a call to time
                      repeats: int, warmup: int = 1,
+                     pause: float = 0.0,  # seconds of sleep before each timed call (idle threads go to sleep)
                     ) -> dict[str, dict[str, list[float]]]:  # name -> {'wall': [s, ...], 'cpu': [s, ...]}
     """Time each call `repeats` times, interleaved, rotating the order each round so no call is always first."""
     names = list(fns)
@@ -90,6 +91,8 @@ def time_interleaved(fns: dict[str, Callable[[], object]],  # name -> a call to 
     times = {name: {'wall': [], 'cpu': []} for name in names}
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
+            if pause:
+                time.sleep(pause)
             wall, cpu = time.perf_counter(), time.process_time()
             fns[name]()
             times[name]['cpu'].append(time.process_time() - cpu)  # CPU seconds of all threads of this process
@@ -105,6 +108,7 @@ def median_times(times: dict[str, dict[str, list[float]]]) -> dict[str, dict[str
 def compare_forward_times(models: dict[str, nn.Module],  # name -> model in eval mode; the first is the baseline
                           images: Tensor,  # (B, 3, H, W)
                           repeats: int = 20, threads: tuple[int, ...] = (1, 2),
+                          pause: float = 0.0,  # seconds between calls, see `time_interleaved`
                          ) -> list[dict]:  # one row per (threads, model): medians (ms) and ratios to the baseline
     """Median forward times of several models on the same input, interleaved, for each thread count."""
     base = next(iter(models))
@@ -114,7 +118,7 @@ def compare_forward_times(models: dict[str, nn.Module],  # name -> model in eval
             torch.set_num_threads(n)
             with torch.inference_mode():
                 calls = {name: (lambda m=m: m(images)) for name, m in models.items()}
-                med = median_times(time_interleaved(calls, repeats))
+                med = median_times(time_interleaved(calls, repeats, pause=pause))
             for name, t in med.items():
                 rows.append(dict(threads=n, model=name, wall_ms=1e3 * t['wall'], cpu_ms=1e3 * t['cpu'],
                                  wall_ratio=t['wall'] / med[base]['wall'], cpu_ratio=t['cpu'] / med[base]['cpu']))
@@ -177,7 +181,7 @@ def bench_yolox_vs_official(official_dir: str | Path,  # a checkout of the offic
         print(format_rows([r for r in rows if r['threads'] == n]), flush=True)
     return rows
 
-# %% ../../nbs/7_training_and_use/53b_bench_speed.ipynb #d2962094
+# %% ../../nbs/7_training_and_use/53b_bench_speed.ipynb #38031dc9
 def _synthetic_yolox_batch(batch: int, size: int, num_classes: int, seed: int) -> tuple:
     """Images (B, 3, S, S) 0–255, detlearn targets (xyxy boxes, labels) and the same boxes as official labels."""
     g = torch.Generator().manual_seed(seed)
