@@ -25,6 +25,7 @@ from .data.coco import collate_detection, load_image, pil_to_rgb
 from .models import FAMILIES, create, family_of, find_family, list_models
 from .models.family import replace_config_fields
 from .models.yolox import yolox_postprocess
+from .models.yolox.head import prepack_convs
 from .models.family import empty_target
 from .utils import DataError, DetlearnError, MissingDependencyError, ModelFileError, install_command
 
@@ -216,7 +217,7 @@ def _from_module(model: nn.Module) -> LoadedModel:
 def load_model(model: str | Path | nn.Module,  # preset name, ModelScope id, checkpoint path, or a built model
                weights: str | Path | None = None,  # for a preset: a detlearn or official checkpoint file
                device: torch.device | str = 'cpu',
-               fuse: bool = True,  # apply the family's inference-time conversion to models built here
+               fuse: bool = True,  # the family's inference-time conversion and prepacked convs, for models built here
               ) -> LoadedModel:  # the model in eval mode on `device`
     """Build a ready-to-run detector and its label space from what `pipeline` was given (.onnx too)."""
     from detlearn.modelscope import preset_for
@@ -241,6 +242,7 @@ def load_model(model: str | Path | nn.Module,  # preset name, ModelScope id, che
     loaded.model.to(device).eval()
     if fuse and not isinstance(model, nn.Module):
         loaded.model = family_of(loaded.model).fuse(loaded.model)
+        prepack_convs(loaded.model)  # CPU inference: conv weights laid out for oneDNN once (elsewhere: no change)
     return loaded
 
 # %% ../nbs/7_training_and_use/52_pipeline.ipynb #ded7312b

@@ -79,5 +79,5 @@ TOLERANCES = {  # rel for assert_scaled_close, by kind of check (see the table i
     'loss': 3e-5,             # scalar loss terms: sums and means over many elements
     'fp16_reference': 2e-3,   # against a reference stored in fp16 (2^-11 relative rounding of the storage itself)
     'onnx': 1e-3,             # onnxruntime against PyTorch on the same weights, per output (export chapter)
-    'bf16_scores': 0.2,       # CPU bf16 autocast's best scores against fp32 official ones (measured 0.014-0.068)
+    'bf16_scores': 0.3,       # CPU bf16's best scores vs fp32 official ones (measured 0.007-0.149, 2x the largest)
 }

@@ -213,6 +213,8 @@ class PrepackedConv(nn.Conv2d):
 
     def uses_onednn(self, x: Tensor) -> bool:
         """Whether `forward(x)` takes the prepacked oneDNN call (else the plain convolution)."""
+        if self.compute_dtype is None and torch.is_autocast_enabled('cpu'):
+            return False  # autocast decides the dtype: the plain convolution, which it casts
         dtype = self.compute_dtype or x.dtype
         native = dtype == torch.float32 or (dtype == torch.bfloat16 and onednn_bf16_available())
         return (x.device.type == 'cpu' and x.dtype in (torch.float32, torch.bfloat16) and native
