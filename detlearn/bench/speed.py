@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['import_official_yolox', 'build_official_yolox', 'randomise_batchnorm_', 'time_interleaved', 'median_times',
-           'compare_forward_times', 'format_rows', 'machine_info', 'bench_yolox_vs_official',
-           'bench_yolox_train_vs_official', 'add_timing_options', 'add_speed_parser', 'cmd_speed',
-           'add_trainstep_parser', 'cmd_trainstep']
+           'compare_forward_times', 'format_rows', 'machine_info', 'official_and_detlearn_yolox',
+           'bench_yolox_vs_official', 'bench_yolox_train_vs_official', 'add_timing_options', 'add_speed_parser',
+           'cmd_speed', 'add_trainstep_parser', 'cmd_trainstep']
 
 # %% ../../nbs/7_training_and_use/53b_bench_speed.ipynb #e043adc7
 import copy
@@ -149,19 +149,29 @@ def machine_info() -> dict:
                 date=datetime.date.today().isoformat())
 
 # %% ../../nbs/7_training_and_use/53b_bench_speed.ipynb #1ee25b28
+def official_and_detlearn_yolox(official_dir: str | Path, preset: str, seed: int = 0,
+                                randomise_bn: bool = False,  # random BatchNorm statistics first (for eval mode)
+                               ) -> tuple:  # (the official package, detlearn's YOLOX, the official model)
+    """The official YOLOX for `preset` and detlearn's, holding the same weights."""
+    yolox = import_official_yolox(official_dir)
+    torch.manual_seed(seed)
+    ours = create(preset)
+    if not isinstance(ours, YOLOX):
+        raise DetlearnError(f"{preset!r} is not a YOLOX preset; compare yolox_nano … yolox_x")
+    official = build_official_yolox(yolox, ours.cfg)
+    if randomise_bn:
+        randomise_batchnorm_(official, seed)
+    ours.load_state_dict(official.state_dict())  # YOLOX: official names = detlearn names
+    return yolox, ours, official
+
+
 def bench_yolox_vs_official(official_dir: str | Path,  # a checkout of the official YOLOX
                             preset: str = 'yolox_s', img_size: int = 640,
                             repeats: int = 20,  # interleaved rounds per thread count (medians are reported)
                             threads: tuple[int, ...] = (1, 2), seed: int = 0,
                            ) -> list[dict]:
     """Forward time of detlearn's YOLOX (unfused and fused) over the official one, same weights, same input."""
-    yolox = import_official_yolox(official_dir)
-    torch.manual_seed(seed)
-    ours = create(preset)
-    if not isinstance(ours, YOLOX):
-        raise DetlearnError(f"{preset!r} is not a YOLOX preset; compare yolox_nano … yolox_x")
-    official = randomise_batchnorm_(build_official_yolox(yolox, ours.cfg), seed)
-    ours.load_state_dict(official.state_dict())  # YOLOX: official names = detlearn names
+    yolox, ours, official = official_and_detlearn_yolox(official_dir, preset, seed, randomise_bn=True)
     ours.eval()
     images = torch.rand(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed)) * 255
     official_fused = yolox.utils.fuse_model(copy.deepcopy(official))
@@ -257,14 +267,8 @@ def bench_yolox_train_vs_official(official_dir: str | Path,  # a checkout of the
                                   threads: tuple[int, ...] = (2,), seed: int = 0,
                                  ) -> list[dict]:
     """Training-step time (forward, SimOTA, losses, backward, SGD) of detlearn's YOLOX over the official one."""
-    yolox = import_official_yolox(official_dir)
-    torch.manual_seed(seed)
-    ours = create(preset)
-    if not isinstance(ours, YOLOX):
-        raise DetlearnError(f"{preset!r} is not a YOLOX preset; compare yolox_nano … yolox_x")
-    official = build_official_yolox(yolox, ours.cfg).train()
-    ours.load_state_dict(official.state_dict())  # YOLOX: official names = detlearn names
-    ours.train()
+    _, ours, official = official_and_detlearn_yolox(official_dir, preset, seed)
+    official.train(), ours.train()
     nhwc = copy.deepcopy(ours).to(memory_format=torch.channels_last)  # what `loop.channels_last` trains
     images, targets, labels = _synthetic_yolox_batch(batch_size, img_size, ours.cfg.num_classes, seed)
     phases: dict[str, dict[str, list[float]]] = {}
