@@ -213,14 +213,30 @@ def _sgd(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, nesterov=True)  # YOLOX's optimiser kind
 
 
-def _detlearn_step(model: YOLOX, images: Tensor, targets: list, phases: dict, name: str,
-                   amp_dtype: torch.dtype | None = None) -> Callable:
-    """One training step of a detlearn YOLOX as a call; `call(profile=True)` also records its phases."""
+def _timed_step(model: nn.Module, loss_of: Callable, parts: tuple, phases: dict, name: str) -> Callable:
+    """A training step as a call: `loss_of(marks, profile)` returns the loss (appending a time mark after each of
+    its parts), then backward and SGD; `call(profile=True)` records the time of every part under `name`."""
     opt = _sgd(model)
 
     def step(profile: bool = False) -> Tensor:
         marks = [time.perf_counter()]
         opt.zero_grad(set_to_none=True)
+        loss = loss_of(marks, profile)
+        loss.backward()
+        marks.append(time.perf_counter())
+        opt.step()
+        marks.append(time.perf_counter())
+        if profile:
+            for part, start, end in zip(parts + ('backward', 'SGD'), marks, marks[1:]):
+                phases.setdefault(name, {}).setdefault(part, []).append(end - start)
+        return loss
+    return step
+
+
+def _detlearn_step(model: YOLOX, images: Tensor, targets: list, phases: dict, name: str,
+                   amp_dtype: torch.dtype | None = None) -> Callable:
+    """One training step of a detlearn YOLOX (under autocast to `amp_dtype` if given)."""
+    def loss_of(marks: list, profile: bool) -> Tensor:
         with torch.autocast('cpu', amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             out = model(images)
             marks.append(time.perf_counter())
@@ -230,35 +246,17 @@ def _detlearn_step(model: YOLOX, images: Tensor, targets: list, phases: dict, na
                 marks.append(time.perf_counter())
             loss = model.loss(out, targets)['loss']
         marks.append(time.perf_counter())
-        loss.backward()
-        marks.append(time.perf_counter())
-        opt.step()
-        marks.append(time.perf_counter())
-        if profile:
-            for part, a, b in zip(('forward', 'SimOTA', 'losses', 'backward', 'SGD'), marks, marks[1:]):
-                phases.setdefault(name, {}).setdefault(part, []).append(b - a)
         return loss
-    return step
+    return _timed_step(model, loss_of, ('forward', 'SimOTA', 'losses'), phases, name)
 
 
 def _official_step(model: nn.Module, images: Tensor, labels: Tensor, phases: dict) -> Callable:
     """One training step of the official YOLOX (its head computes SimOTA and the losses in its forward)."""
-    opt = _sgd(model)
-
-    def step(profile: bool = False) -> Tensor:
-        marks = [time.perf_counter()]
-        opt.zero_grad(set_to_none=True)
+    def loss_of(marks: list, profile: bool) -> Tensor:
         loss = model(images, labels)['total_loss']
         marks.append(time.perf_counter())
-        loss.backward()
-        marks.append(time.perf_counter())
-        opt.step()
-        marks.append(time.perf_counter())
-        if profile:
-            for part, a, b in zip(('forward+SimOTA+losses', 'backward', 'SGD'), marks, marks[1:]):
-                phases.setdefault('official', {}).setdefault(part, []).append(b - a)
         return loss
-    return step
+    return _timed_step(model, loss_of, ('forward+SimOTA+losses',), phases, 'official')
 
 
 def bench_yolox_train_vs_official(official_dir: str | Path,  # a checkout of the official YOLOX
