@@ -202,10 +202,10 @@ def onednn_bf16_available() -> bool:
 
 
 class PrepackedConv(nn.Conv2d):
-    """A Conv2d (SiLU fused where `post_op='swish'`) whose CPU inference reuses a weight oneDNN laid out once."""
+    """A Conv2d (SiLU or ReLU fused: `post_op` 'swish', 'relu') whose CPU inference reuses a weight laid out once."""
     max_shapes = 4  # input shapes whose packed weight is kept (the oldest is dropped beyond)
 
-    def __init__(self, *args, post_op: str = 'none',  # 'none' or 'swish' (conv then SiLU)
+    def __init__(self, *args, post_op: str = 'none',  # 'none', 'swish' (conv then SiLU) or 'relu' (then ReLU)
                  compute_dtype: torch.dtype | None = None,  # e.g. torch.bfloat16; None: the input's dtype
                  **kwargs):
         super().__init__(*args, **kwargs)
@@ -245,7 +245,7 @@ class PrepackedConv(nn.Conv2d):
         else:  # the same rounding as the oneDNN path, on any device
             bias = None if self.bias is None else self.bias.to(dtype)
             y = self._conv_forward(x.to(dtype), self.weight.to(dtype), bias).to(x.dtype)
-        return F.silu(y) if self.post_op == 'swish' else y
+        return F.silu(y) if self.post_op == 'swish' else F.relu(y) if self.post_op == 'relu' else y
 
     def _apply(self, fn, recurse=True):  # .to(), .half(), ...: the packed copies would be stale
         self._packed = {}
