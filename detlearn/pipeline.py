@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['MAX_DOWNLOAD_BYTES', 'ONNX_METADATA', 'download_image', 'read_image', 'eval_transforms_for', 'LoadedModel',
-           'build_from_checkpoint', 'yolox_decode_raw', 'OnnxDetector', 'official_weights', 'load_model',
-           'DetectionPipeline', 'pipeline']
+           'build_from_checkpoint', 'yolox_decode_raw', 'OnnxDetector', 'prepack_activations', 'official_weights',
+           'load_model', 'DetectionPipeline', 'pipeline']
 
 # %% ../nbs/7_training_and_use/52_pipeline.ipynb #4e77268a
 import io
@@ -21,11 +21,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
+from .backbones.hgnetv2 import ConvBNAct
 from .data.coco import collate_detection, load_image, pil_to_rgb
 from .models import FAMILIES, create, family_of, find_family, list_models
 from .models.family import replace_config_fields
 from .models.yolox import yolox_postprocess
-from .models.yolox.head import prepack_convs
+from .models.dfine.encoder import ConvNorm, FoldedConvBN, VGGBlock, fold_bn_into_kernel
+from .models.yolox.head import PrepackedConv, prepack_convs
 from .models.family import empty_target
 from .utils import DataError, DetlearnError, MissingDependencyError, ModelFileError, install_command
 
@@ -196,6 +198,56 @@ class OnnxDetector(nn.Module):
         return [{'boxes': torch.from_numpy(b), 'scores': torch.from_numpy(s), 'labels': torch.from_numpy(l)}
                 for l, b, s in zip(labels, boxes, scores)]
 
+# %% ../nbs/7_training_and_use/52_pipeline.ipynb #e8012be1
+class _Unregistered:
+    """Calls a module without making it a submodule of its holder: the holder's state dict stays as it was."""
+    def __init__(self, module: torch.nn.Module):
+        self.__dict__['module'] = module
+
+    def __call__(self, x: Tensor) -> Tensor:
+        w = self.module.weight
+        if w.device != x.device or w.dtype != x.dtype:  # its holder was moved or cast since: follow it
+            self.module.to(x.device, x.dtype)
+        return self.module(x)
+
+
+def _prepacked_from(conv: torch.nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor, post_op: str,
+                    compute_dtype: torch.dtype | None) -> PrepackedConv:
+    """A PrepackedConv with `conv`'s geometry on the given (folded) weight and bias."""
+    new = PrepackedConv(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                        conv.dilation, conv.groups, bias=True, device='meta', post_op=post_op,
+                        compute_dtype=compute_dtype)
+    new.weight, new.bias = torch.nn.Parameter(weight.detach(), False), torch.nn.Parameter(bias.detach(), False)
+    return new
+
+
+def prepack_activations(model: torch.nn.Module,  # converted (`family.fuse`), eval mode, for inference only
+                        compute_dtype: torch.dtype | None = None) -> int:
+    """Fold, in place, each activation that follows a D-FINE conv into a PrepackedConv's post-op; count them.
+
+    HGNetv2's `ConvBNAct` (ReLU), the encoder's `ConvNorm` (SiLU) and `VGGBlock` (SiLU): after the family's
+    conversion their convolutions run once, then the activation reads and writes the output a second time.
+    Here oneDNN applies it as the output is written. BN-folded layers get their folded kernel prepacked (the
+    copy is frozen: later changes to the BN would not reach it). Other layers are left as they are."""
+    count, post = 0, {torch.nn.ReLU: 'relu', torch.nn.SiLU: 'swish', torch.nn.Identity: 'none'}
+    for m in model.modules():
+        if type(m) not in (ConvBNAct, ConvNorm, VGGBlock) or type(m.act) not in post:
+            continue
+        op = post[type(m.act)]
+        if isinstance(getattr(m, 'folded', None), FoldedConvBN):
+            weight, bias = fold_bn_into_kernel(m.conv.weight, m.folded.bn)
+            m.folded = _Unregistered(_prepacked_from(m.conv, weight, bias, op, compute_dtype))
+        elif isinstance(getattr(m, 'conv_bn_fused', None), PrepackedConv) and m.conv_bn_fused.post_op == 'none':
+            m.conv_bn_fused.post_op = op
+        elif type(m) is VGGBlock and isinstance(m.conv, PrepackedConv) and m.conv.post_op == 'none':
+            m.conv.post_op = op
+        else:
+            continue
+        m.act = torch.nn.Identity()
+        count += op != 'none'
+    return count
+
+
 # %% ../nbs/7_training_and_use/52_pipeline.ipynb #c0d8c692
 def official_weights(preset: str) -> Path:
     """The cached (downloaded on first use) official weights of `preset`, or an error saying what to do offline."""
@@ -243,6 +295,8 @@ def load_model(model: str | Path | nn.Module,  # preset name, ModelScope id, che
     if fuse and not isinstance(model, nn.Module):
         loaded.model = family_of(loaded.model).fuse(loaded.model)
         prepack_convs(loaded.model)  # CPU inference: conv weights laid out for oneDNN once (elsewhere: no change)
+        with torch.no_grad():
+            prepack_activations(loaded.model)  # D-FINE: ReLU / SiLU applied by oneDNN as it writes
     return loaded
 
 # %% ../nbs/7_training_and_use/52_pipeline.ipynb #ded7312b
