@@ -111,13 +111,16 @@ def _export_to(model: torch.nn.Module, folder: Path, preset: str, img_size: int)
     return path
 
 
-def ort_session(path: str | Path, threads: int):
+def ort_session(path: str | Path, threads: int,
+                profile_prefix: str | None = None):  # where given: ONNX Runtime's profiler on, its file named so
     """An ONNX Runtime session on the CPU running `path` with `threads` intra-op threads that sleep when idle."""
     require_onnx()
     import onnxruntime  # an optional dependency (the `export` extra)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.add_session_config_entry('session.intra_op.allow_spinning', '0')  # else they keep the cores busy
+    if profile_prefix is not None:
+        options.enable_profiling, options.profile_file_prefix = True, profile_prefix
     return onnxruntime.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
 
 
@@ -204,12 +207,7 @@ def _torch_op_profile(model, images: torch.Tensor, forwards: int) -> tuple[dict,
 
 def _ort_op_profile(path: Path, feed: dict, threads: int, forwards: int) -> tuple[dict, dict]:
     """Kernel time per run (ms) of each operator type ONNX Runtime runs, and of its convolutions by shape."""
-    import onnxruntime
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.add_session_config_entry('session.intra_op.allow_spinning', '0')
-    options.enable_profiling, options.profile_file_prefix = True, str(path.with_suffix(''))
-    session = onnxruntime.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
+    session = ort_session(path, threads, profile_prefix=str(path.with_suffix('')))
     for _ in range(forwards + 2):
         session.run(None, feed)
     ops, convs, per_node = collections.Counter(), collections.Counter(), collections.defaultdict(list)
