@@ -29,7 +29,7 @@ from ..export import CONTRACTS, example_inputs, export_onnx, require_onnx
 from ..models import create, family_of, model_info
 from ..models.family import no_fusion
 from ..models.yolox.head import PrepackedConv, onednn_bf16_available, prepack_convs
-from ..pipeline import _Unregistered, eval_transforms_for, load_model, prepack_activations
+from ..pipeline import _Unregistered, eval_transforms_for, load_model, prepack_activations, retain_freed_memory
 from ..train import predict_dataset
 from ..train_utils import cpu_has_bf16
 from ..utils import DetlearnError, usable_cpus
@@ -127,7 +127,8 @@ def ort_session(path: str | Path, threads: int,
 def fastest_cpu_model(model: torch.nn.Module,  # a detlearn detector in eval mode (not changed)
                       bf16: bool = False,  # run the convolutions in bf16 (where oneDNN has native bf16)
                      ) -> torch.nn.Module:
-    """A copy of `model` on detlearn's fastest CPU path: the family's conversion, prepacked convs, fused activations."""
+    """A copy of `model` on detlearn's fastest CPU path: conversion, prepacked convs, fused activations, kept pages."""
+    retain_freed_memory()  # process-wide: freed activations stay on the heap for the next forward
     fast = family_of(model).fuse(copy.deepcopy(model).eval())
     prepack_convs(fast, torch.bfloat16 if bf16 else None)
     with torch.no_grad():
