@@ -206,6 +206,19 @@ def _torch_op_profile(model, images: torch.Tensor, forwards: int) -> tuple[dict,
     return dict(ops), dict(convs), {k: round(v, 3) for k, v in calls.items()}
 
 
+def _minor_faults(run, forwards: int) -> float | None:  # run: a callable making one forward
+    """Page faults (minor: pages the kernel maps and zeroes) per unprofiled call of `run`; None off Unix."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    run()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(forwards):
+        run()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / forwards
+
+
 def _ort_op_profile(path: Path, feed: dict, threads: int, forwards: int) -> tuple[dict, dict]:
     """Kernel time per run (ms) of each operator type ONNX Runtime runs, and of its convolutions by shape."""
     session = ort_session(path, threads, profile_prefix=str(path.with_suffix('')))
@@ -230,7 +243,7 @@ def op_profile(preset: str = 'yolox_s', img_size: int = 640, threads: int = 2,
                forwards: int = 5,  # profiled forwards, after two unprofiled ones
                seed: int = 0) -> dict:
     """Per-forward ms by operator and of convolutions by shape (and PyTorch's calls per forward), of
-    `fastest_cpu_model` and of ONNX Runtime on the exported file."""
+    `fastest_cpu_model` and of ONNX Runtime on the exported file; page faults per unprofiled forward of each."""
     family, model, inputs, feed = _bench_setup(preset, img_size, seed)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -238,11 +251,16 @@ def op_profile(preset: str = 'yolox_s', img_size: int = 640, threads: int = 2,
         with tempfile.TemporaryDirectory() as d:
             path = _export_to(model, Path(d), preset, img_size)
             ort_ops, ort_convs = _ort_op_profile(path, feed, threads, forwards)
-        pt_ops, pt_convs, pt_calls = _torch_op_profile(fastest_cpu_model(model), inputs[0], forwards)
+            session = ort_session(path, threads)
+            faults = {'onnxruntime': _minor_faults(lambda: session.run(None, feed), forwards)}
+        fast = fastest_cpu_model(model)
+        with torch.no_grad():
+            faults['pytorch'] = _minor_faults(lambda: fast(inputs[0]), forwards)
+        pt_ops, pt_convs, pt_calls = _torch_op_profile(fast, inputs[0], forwards)
     finally:
         torch.set_num_threads(old_threads)
     return dict(pytorch=pt_ops, onnxruntime=ort_ops, pytorch_convs=pt_convs, onnxruntime_convs=ort_convs,
-                pytorch_calls=pt_calls)
+                pytorch_calls=pt_calls, faults=faults)
 
 
 def format_op_profile(prof: dict, top: int = 8) -> str:
@@ -256,6 +274,10 @@ def format_op_profile(prof: dict, top: int = 8) -> str:
         lines.append(f'  {left}  ' + (f'{ort[i][0]:<{w}}{ort[i][1]:>9.1f}' if i < len(ort) else ''))
     lines.append(f"  {'total':<{w}}{sum(prof['pytorch'].values()):>9.1f}  {'total':<{w}}"
                  f"{sum(prof['onnxruntime'].values()):>9.1f}")
+    faults = prof.get('faults') or {}
+    if all(faults.get(k) is not None for k in ('pytorch', 'onnxruntime')):
+        lines.append(f"page faults per unprofiled forward: PyTorch {faults['pytorch']:.0f}, ONNX Runtime "
+                     f"{faults['onnxruntime']:.0f} (a profiler's own allocations bring more)")
     a, b = prof['pytorch_convs'], prof['onnxruntime_convs']
     lines.append(f"convolutions: PyTorch {sum(a.values()):.1f} ms, ONNX Runtime {sum(b.values()):.1f} ms; by shape "
                  "(C_in, H, W, C_out, kh, kw), largest PyTorch - ONNX Runtime first")
