@@ -212,7 +212,7 @@ def _minor_faults(run, forwards: int) -> float | None:  # run: a callable making
         import resource
     except ImportError:  # Windows
         return None
-    run()
+    run(), run()  # warm-up: both engines grow their memory over the first two
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(forwards):
         run()
